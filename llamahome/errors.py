@@ -1,0 +1,21 @@
+"""The exception hierarchy: every mistake a user can make ends in one of these, with one clear line."""
+
+
+class LlamaHomeError(Exception):
+    """Base class for errors that LlamaHome reports to the user as one line."""
+
+
+class ConfigError(LlamaHomeError):
+    """A configuration value is missing, unknown or out of range (the message names the key)."""
+
+
+class ModelError(LlamaHomeError):
+    """A model or tokenizer could not be built or loaded (the message says what was tried)."""
+
+
+class DataError(LlamaHomeError):
+    """A data file or record is missing or malformed (the message names the file and line)."""
+
+
+class CacheError(LlamaHomeError):
+    """A KV-cache policy or budget is invalid (the message names the key)."""

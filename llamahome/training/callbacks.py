@@ -1,0 +1,138 @@
+"""Lightning callbacks: progress, throughput/MFU, non-finite-loss guard, sample generation."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback, RichProgressBar, ThroughputMonitor, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
+
+
+def progress_bar(refresh_rate: int = 1) -> Callback:
+    """A rich progress bar on a terminal, a plain tqdm bar when output is a file or pipe."""
+    if sys.stdout.isatty():
+        return RichProgressBar(refresh_rate=refresh_rate, leave=True)
+    return TQDMProgressBar(refresh_rate=refresh_rate)
+
+
+def _batch_size(batch: dict[str, torch.Tensor]) -> int:
+    return batch["input_ids"].size(0)
+
+
+def _batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return batch["input_ids"].numel()
+
+
+class TokenThroughput(ThroughputMonitor):
+    """Lightning's ``ThroughputMonitor`` counting tokens, with MFU where peak FLOPs are known.
+
+    Logs ``train/tokens_per_sec`` (``items_per_sec``), ``samples_per_sec`` and, on devices whose
+    peak FLOP/s Lightning knows (most NVIDIA GPUs), ``mfu`` from ``6 * params * tokens``.
+    """
+
+    def __init__(self, window_size: int = 5, **kwargs: Any) -> None:
+        super().__init__(
+            batch_size_fn=_batch_size, length_fn=_batch_tokens, window_size=window_size, **kwargs
+        )
+        self._tokens = 0
+        self._wall_start: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, *args: Any) -> None:
+        """Tell the monitor this batch's FLOPs (used for MFU) and start the wall clock."""
+        pl_module.flops_per_batch = pl_module.flops_per_token * _batch_tokens(batch)
+        if self._wall_start is None:
+            self._wall_start = time.perf_counter()
+        super().on_train_batch_start(trainer, pl_module, batch, *args)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, *args: Any) -> None:
+        """Count tokens for the end-of-fit summary."""
+        self._tokens += _batch_tokens(batch) * trainer.world_size
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, *args)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Average training tokens/s over the fit so far (all ranks)."""
+        if self._wall_start is None:
+            return 0.0
+        return self._tokens / max(1e-9, time.perf_counter() - self._wall_start)
+
+
+class NonFiniteLossGuard(Callback):
+    """Stop with a clear message the first time the training loss is NaN or infinite."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        """Raise if the step's loss is not finite (a silent NaN wastes the rest of the run)."""
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss).all():
+            from llamahome.errors import LlamaHomeError
+
+            raise LlamaHomeError(
+                f"Non-finite training loss ({float(loss)}) at step {trainer.global_step}: lower "
+                "optim.lr, set trainer.gradient_clip_val, or use trainer.precision=bf16-mixed."
+            )
+
+
+class SampleGeneration(Callback):
+    """Generate from fixed prompts with the run's KV-cache policy and log the text.
+
+    Fine-tuning is then judged with the cache it will serve with (``cache=h2o`` etc.).
+
+    Args:
+        prompts: Prompts (the chat template is applied when the tokenizer has one).
+        max_new_tokens: Tokens to generate per prompt.
+        every_n_validations: Generate after every n-th validation; 0 = only at fit end.
+    """
+
+    def __init__(
+        self, prompts: Sequence[str] = (), max_new_tokens: int = 24, every_n_validations: int = 0
+    ) -> None:
+        self.prompts = list(prompts)
+        self.max_new_tokens = max_new_tokens
+        self.every_n_validations = every_n_validations
+        self._validations = 0
+        self.samples: list[dict[str, Any]] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        """Generate every n-th validation (never during the sanity check)."""
+        if trainer.sanity_checking or self.every_n_validations <= 0:
+            return
+        self._validations += 1
+        if self._validations % self.every_n_validations == 0:
+            self._generate(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        """Generate once at the end of fit."""
+        self._generate(trainer, pl_module)
+
+    @rank_zero_only
+    def _generate(self, trainer, pl_module) -> None:
+        tokenizer = pl_module.tokenizer
+        if not self.prompts or tokenizer is None or trainer.fast_dev_run:
+            return
+        from llamahome.core.generation import generate_text
+
+        rows = generate_text(
+            pl_module.model,
+            tokenizer,
+            self.prompts,
+            cache_spec=pl_module.cache_spec,
+            max_new_tokens=self.max_new_tokens,
+        )
+        step = trainer.global_step
+        for prompt, text in zip(self.prompts, rows, strict=True):
+            self.samples.append({"step": step, "prompt": prompt, "completion": text})
+            log.info("sample @ step %d | %s -> %s", step, prompt, text.replace("\n", " ")[:200])
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_text"):  # WandbLogger: a table of samples
+                logger.log_text(
+                    key="samples",
+                    columns=["step", "prompt", "completion"],
+                    data=[[r["step"], r["prompt"], r["completion"]] for r in self.samples],
+                )

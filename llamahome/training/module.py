@@ -1,0 +1,121 @@
+"""The LightningModule: a Hugging Face causal LM, its optimizer, scheduler and metrics."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+IGNORE_INDEX = -100
+_MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
+
+
+class LlamaLitModule(L.LightningModule):
+    """Trains a (PEFT-wrapped or full) ``LlamaForCausalLM`` on tokenized batches.
+
+    Batches are dicts with ``input_ids``, ``attention_mask``, ``labels`` (-100 where no loss
+    is taken) and optionally ``position_ids`` (packed sequences).
+
+    Args:
+        model: The causal LM (a ``PeftModel`` for LoRA runs).
+        optimizer: A partial that takes the trainable parameters (``_partial_: true``).
+        scheduler: A partial that takes ``(optimizer, num_training_steps=...)``, or ``None``.
+        tokenizer: Kept for sample generation and export; never checkpointed.
+        cache_spec: KV-cache policy used wherever this module generates (sample callbacks).
+        compile: ``torch.compile`` the model at fit start.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        tokenizer: Any = None,
+        cache_spec: Any = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cache_spec = cache_spec
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.compile = compile
+        # PEFT checkpoints hold only the trainable tensors; the frozen base comes from the
+        # pretrained weights on resume, so loading must tolerate the missing keys.
+        self.is_peft = hasattr(model, "peft_config")
+        self.strict_loading = not self.is_peft
+        vocab = model.config.vocab_size
+        self.train_loss = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.val_accuracy = MulticlassAccuracy(
+            num_classes=vocab, ignore_index=IGNORE_INDEX, average="micro", validate_args=False
+        )
+        self.best_val_loss = math.inf
+        num_params = sum(p.numel() for p in model.parameters())
+        # nanoGPT/PaLM estimate: 6 FLOPs per parameter per token (forward + backward).
+        self.flops_per_token = 6 * num_params
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        """Run the HF model on the batch's model inputs (extra collate keys are ignored)."""
+        return self.model(**{k: batch[k] for k in _MODEL_INPUTS if k in batch})
+
+    def configure_model(self) -> None:
+        """Compile lazily, after the strategy has placed the model (Lightning's hook for it)."""
+        if self.compile and not isinstance(self.model, torch._dynamo.eval_frame.OptimizedModule):
+            self.model = torch.compile(self.model)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """One optimisation step's loss; logs train/loss and tokens seen."""
+        loss = self(batch).loss
+        tokens = self._loss_tokens(batch)
+        self.train_loss(loss.detach(), tokens)
+        self.log("train/loss", self.train_loss, on_step=True, prog_bar=True, batch_size=tokens)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Token-weighted loss and next-token accuracy on the validation set."""
+        out = self(batch)
+        tokens = self._loss_tokens(batch)
+        self.val_loss(out.loss.detach(), tokens)
+        preds = out.logits[:, :-1].argmax(-1)
+        self.val_accuracy(preds.reshape(-1), batch["labels"][:, 1:].reshape(-1))
+
+    def on_validation_epoch_end(self) -> None:
+        """Log val/loss, val/ppl and val/acc, aggregated across ranks by torchmetrics."""
+        loss = self.val_loss.compute()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(loss.clamp(max=20)))
+        self.log("val/acc", self.val_accuracy.compute())
+        self.val_loss.reset()
+        self.val_accuracy.reset()
+        if not self.trainer.sanity_checking:
+            self.best_val_loss = min(self.best_val_loss, float(loss))
+
+    def configure_optimizers(self):
+        """AdamW (or any partial) over trainable params, with a per-step scheduler."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = self.scheduler_factory(optimizer, num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop frozen base weights from PEFT checkpoints: they are megabytes, not gigabytes."""
+        if not self.is_peft:
+            return
+        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable}
+
+    @staticmethod
+    def _loss_tokens(batch: dict[str, torch.Tensor]) -> int:
+        # HF shifts labels by one: the first position never carries loss.
+        return max(1, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))

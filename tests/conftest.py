@@ -1,0 +1,76 @@
+"""Shared fixtures: offline hub, offline W&B, and Hydra composition like the entry points do."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network: the hub and W&B are offline by construction.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("WANDB_API_KEY", None)
+
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+
+# The smallest useful run: tiny Llama, stdlib text, a handful of steps.
+TINY_TRAIN = (
+    "model=tiny",
+    "peft=none",
+    "data=stdlib",
+    "data.max_seq_length=64",
+    "data.batch_size=4",
+    "data.max_train_samples=64",
+    "data.max_val_samples=8",
+    "trainer.max_steps=12",
+    "trainer.val_check_interval=6",
+    "trainer.log_every_n_steps=1",
+    "optim.lr=3e-3",
+    "callbacks.sample_generation.max_new_tokens=4",
+    "print_config=false",
+)
+
+
+def compose(config_name: str, overrides: Sequence[str], output_dir: Path):
+    """Compose a config exactly as ``@hydra.main`` would, with the run dir set to ``output_dir``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+        cfg.hydra.runtime.cwd = str(REPO)
+    HydraConfig.instance().set_config(cfg)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return cfg
+
+
+@pytest.fixture
+def compose_train(tmp_path: Path) -> Callable[..., object]:
+    """``compose_train(*overrides, output_dir=None)`` → the train config for a tmp run dir."""
+
+    def _compose(*overrides: str, output_dir: Path | None = None):
+        return compose("train", overrides, output_dir or tmp_path / "run")
+
+    return _compose
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M (model, tokenizer), loaded once per session."""
+    from llamahome import load_model
+
+    return load_model("smollm2")

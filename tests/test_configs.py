@@ -1,0 +1,62 @@
+"""Every config composes; every model config has the published shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CONF_DIR
+
+from llamahome.core.model import resolve_spec
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in {"hydra"})
+OPTIONS = [
+    (group, f.stem)
+    for group in GROUPS
+    for f in sorted((CONF_DIR / group).glob("*.yaml"))
+    if group != "logger" or f.stem != "many"
+]
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_into_train(compose_train, group: str, option: str) -> None:
+    if group in {"hparams_search"}:
+        pytest.skip("sweeper configs compose under -m (tested in test_sweeps)")
+    cfg = compose_train(f"{group}={option}")
+    assert cfg.task_name
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONF_DIR.glob("*.yaml")))
+def test_every_entry_point_config_composes(tmp_path, name: str) -> None:
+    from conftest import compose
+
+    cfg = compose(name, [], tmp_path)
+    assert "model" in cfg
+
+
+PUBLISHED = {
+    "llama7b": 6.74e9,
+    "llama13b": 13.0e9,
+    "llama70b": 69.0e9,
+    "llama3_8b": 8.03e9,
+    "llama3_2_1b": 1.24e9,
+    "smollm2": 134.5e6,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_model_config_has_published_parameter_count(name: str) -> None:
+    from transformers import LlamaForCausalLM
+
+    spec = resolve_spec(name)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(spec.llama_config())
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count / PUBLISHED[name] - 1) < 0.005, f"{name}: {count / 1e9:.3f}B"
+
+
+def test_large_models_name_hub_ids() -> None:
+    for name in ("llama7b", "llama13b", "llama70b", "llama3_8b", "llama3_2_1b"):
+        spec = resolve_spec(name)
+        assert spec.hub_id and spec.pretrained == spec.hub_id
+        assert spec.trust_remote_code is False
+    assert resolve_spec("llama70b").config["num_key_value_heads"] == 8
