@@ -1,0 +1,157 @@
+"""Fine-tune (LoRA or full) or train a Llama from scratch: ``python -m llamahome.train``.
+
+With no arguments it fine-tunes the embedded SmolLM2-135M with LoRA on the Python reference
+manual (``data=pydoc``), offline, on CPU, in a few minutes. Everything is a Hydra override:
+``python -m llamahome.train model=tiny data=stdlib peft=none trainer.max_steps=200``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from llamahome.utils.cli import quiet_libraries, user_errors
+from llamahome.utils.validation import build, check_optimizer, check_trainer, resolve_ckpt_path
+
+log = logging.getLogger("llamahome.train")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Build everything the config names, fit, export; return the final metrics.
+
+    Cheap objects (specs, data module, optimizer check) are built first, so a bad value fails
+    in seconds, before the model loads.
+
+    Args:
+        cfg: The composed ``conf/train.yaml``.
+
+    Returns:
+        Metrics: the Trainer's callback metrics plus ``val/loss_first``, ``val/loss_best``,
+        ``train/tokens_per_sec`` and ``time/total_s``.
+    """
+    import lightning as L
+    import torch
+
+    from llamahome.core.finetuning import apply_finetuning
+    from llamahome.core.model import load_model, load_tokenizer
+    from llamahome.training.module import LlamaLitModule
+    from llamahome.utils.rich_utils import print_config_tree, print_table
+
+    start = time.perf_counter()
+    output_dir = Path(cfg.paths.output_dir)
+    if cfg.get("print_config") and _is_rank_zero():
+        print_config_tree(cfg, save_to=output_dir / "config_tree.log")
+
+    # 1. Validate: everything that can fail on a typo fails here, in seconds.
+    check_trainer(cfg)
+    check_optimizer(cfg)
+    model_spec = build(cfg, "model")
+    cache_spec = build(cfg, "cache")
+    finetuning = build(cfg, "peft")
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    # 2. Data (tokenizer first: the data module tokenizes with it and validates its keys).
+    tokenizer = load_tokenizer(model_spec)
+    datamodule = build(cfg, "data", tokenizer=tokenizer)
+
+    # 3. Model, adapters, LightningModule.
+    load_start = time.perf_counter()
+    model, tokenizer = load_model(model_spec, tokenizer=tokenizer)
+    model = apply_finetuning(model, finetuning)
+    model.train()
+    log.info("Model %s ready in %.1f s", model_spec.name, time.perf_counter() - load_start)
+    lit = LlamaLitModule(
+        model=model,
+        optimizer=build(cfg, "optim"),
+        scheduler=build(cfg, "scheduler"),
+        tokenizer=tokenizer,
+        cache_spec=cache_spec,
+        compile=cfg.get("compile", False),
+    )
+
+    # 4. Trainer with callbacks and loggers from their config groups.
+    callbacks = [build(cfg, f"callbacks.{name}") for name in cfg.get("callbacks") or {}]
+    loggers = [build(cfg, f"logger.{name}") for name in cfg.get("logger") or {}]
+    for logger in loggers:
+        logger.log_hyperparams(_loggable_config(cfg))
+    trainer = build(cfg, "trainer", callbacks=[c for c in callbacks if c], logger=loggers or False)
+    _remember_wandb_runs(loggers)
+
+    first_val = None
+    if cfg.get("validate_before_fit") and ckpt_path is None and not trainer.fast_dev_run:
+        first_val = trainer.validate(lit, datamodule=datamodule, verbose=False)[0].get("val/loss")
+    trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) or isinstance(v, float)}
+    metrics["val/loss_first"] = first_val if first_val is not None else float("nan")
+    metrics["val/loss_best"] = lit.best_val_loss
+    throughput = next((c for c in callbacks if hasattr(c, "tokens_per_second")), None)
+    metrics["train/tokens_per_sec"] = throughput.tokens_per_second if throughput else float("nan")
+
+    if cfg.get("export") and trainer.is_global_zero and not trainer.fast_dev_run:
+        from llamahome.core.export import export_hf
+
+        export_hf(lit.model, tokenizer, output_dir / "export")
+    metrics["time/total_s"] = time.perf_counter() - start
+    _finish_wandb_runs(loggers)
+    if trainer.is_global_zero:
+        _print_summary(metrics, trainer, output_dir, print_table)
+    return metrics
+
+
+def _loggable_config(cfg: DictConfig) -> dict[str, Any]:
+    from llamahome.utils.secrets import redact
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    return redact(container)
+
+
+def _remember_wandb_runs(loggers: list[Any]) -> None:
+    from llamahome.training.loggers import remember_wandb_run
+
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            remember_wandb_run(logger)
+
+
+def _finish_wandb_runs(loggers: list[Any]) -> None:
+    # One W&B run per job: close it so the next sweep job (same process) starts its own.
+    if any(type(logger).__name__ == "WandbLogger" for logger in loggers):
+        import wandb
+
+        wandb.finish()
+
+
+def _is_rank_zero() -> bool:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return rank_zero_only.rank == 0
+
+
+def _print_summary(metrics: dict[str, float], trainer, output_dir: Path, print_table) -> None:
+    keys = ["val/loss_first", "val/loss", "val/loss_best", "val/ppl", "val/acc", "train/tokens_per_sec", "time/total_s"]
+    rows = [{"metric": k, "value": metrics[k]} for k in keys if k in metrics]
+    rows.insert(0, {"metric": "global_step", "value": trainer.global_step})
+    print_table("LlamaHome run summary", rows)
+    print(f"run dir: {output_dir}")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers."""
+    quiet_libraries()
+    with user_errors():
+        metrics = train(cfg)
+    value = metrics.get(cfg.get("optimized_metric") or "")
+    return None if value is None else float(value)
+
+
+if __name__ == "__main__":
+    main()
