@@ -1,0 +1,120 @@
+"""Test-only callbacks and plugins, injected into real runs with Hydra overrides.
+
+Subprocess runs import this module through ``PYTHONPATH=tests`` (see ``cli_env``), e.g.
+``+callbacks.steps._target_=scaleout_helpers.StepReporter``; DDP's second rank inherits the
+environment and the overrides, so it loads them too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from llamahome.training.checkpointing import AtomicCheckpointIO
+
+STEP_MARK = "SCALEOUT-TEST step"
+TESTS = Path(__file__).resolve().parent
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for ``python -m llamahome.train`` subprocesses that use these helpers.
+
+    One intra-op thread per process: a tiny model gains nothing from more, and on a shared
+    2-core machine (or with two DDP ranks) oversubscribed threads make each step ~10x slower.
+    """
+    path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    return {**env, **extra}
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run in-process training with ``n`` intra-op threads (as the subprocesses use)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class StepReporter(Callback):
+    """Print ``SCALEOUT-TEST step <global_step>`` after every optimizer step (stdout, flushed)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.is_global_zero:
+            print(f"{STEP_MARK} {trainer.global_step}", flush=True)
+
+
+class CrashAtStep(Callback):
+    """Raise ``RuntimeError`` once ``global_step`` reaches ``step``: a job failing mid-training."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"crash on purpose at step {trainer.global_step}")
+
+
+class DumpWeights(Callback):
+    """Save every rank's final parameters (and its first batch) to ``<run dir>/rank<r>.pt``."""
+
+    def __init__(self) -> None:
+        self.first_batch: torch.Tensor | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.first_batch is None:
+            self.first_batch = batch["input_ids"].detach().cpu().clone()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        path = Path(trainer.default_root_dir) / f"rank{trainer.global_rank}.pt"
+        torch.save(
+            {"state": state, "first_batch": self.first_batch, "world_size": trainer.world_size},
+            path,
+        )
+
+
+class SlowCheckpointIO(AtomicCheckpointIO):
+    """Atomic IO that stalls halfway through its ``hold_on``-th write of ``last.ckpt``.
+
+    Before stalling it creates ``<dir>/WRITING`` so the test knows the write is in progress and
+    can SIGKILL the process exactly then. The bytes before the stall really are on disk (in the
+    temporary file), as they would be for a large checkpoint being written.
+    """
+
+    def __init__(self, hold_on: int = 2, hold_s: float = 60.0) -> None:
+        super().__init__()
+        self.hold_on = hold_on
+        self.hold_s = hold_s
+        self.last_writes = 0
+
+    def _write(self, checkpoint: dict[str, Any], file: Any, target: Path) -> None:
+        if target.name != "last.ckpt":
+            super()._write(checkpoint, file, target)
+            return
+        self.last_writes += 1
+        if self.last_writes != self.hold_on:
+            super()._write(checkpoint, file, target)
+            return
+        import io
+
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        data = buffer.getvalue()
+        file.write(data[: len(data) // 2])
+        file.flush()
+        os.fsync(file.fileno())
+        (target.parent / "WRITING").write_text(target.name)
+        print(f"SCALEOUT-TEST writing {target}", flush=True, file=sys.stdout)
+        time.sleep(self.hold_s)
+        file.write(data[len(data) // 2 :])
