@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from llamahome.utils.cli import quiet_libraries, user_errors
+from llamahome.utils.sweep import in_multirun, run_sweep_job
 from llamahome.utils.validation import build, check_optimizer, check_trainer, resolve_ckpt_path
 
 log = logging.getLogger("llamahome.train")
@@ -37,8 +38,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     import torch
 
-    from llamahome.core.finetuning import apply_finetuning
+    from llamahome.core.finetuning import apply_finetuning, check_finetuning
     from llamahome.core.model import load_model, load_tokenizer
+    from llamahome.training.checkpointing import exit_on_preemption
     from llamahome.training.module import LlamaLitModule
     from llamahome.utils.rich_utils import print_config_tree, print_table
 
@@ -53,6 +55,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model_spec = build(cfg, "model")
     cache_spec = build(cfg, "cache")
     finetuning = build(cfg, "peft")
+    # QLoRA without a GPU, fp16 AMP on CPU, bad levers: fail now; the 4-bit config if qlora.
+    quantization = check_finetuning(cfg, finetuning)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -62,7 +66,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     # 3. Model, adapters, LightningModule.
     load_start = time.perf_counter()
-    model, tokenizer = load_model(model_spec, tokenizer=tokenizer)
+    model, tokenizer = load_model(model_spec, tokenizer=tokenizer, quantization=quantization)
     model = apply_finetuning(model, finetuning)
     model.train()
     log.info("Model %s ready in %.1f s", model_spec.name, time.perf_counter() - load_start)
@@ -86,7 +90,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     first_val = None
     if cfg.get("validate_before_fit") and ckpt_path is None and not trainer.fast_dev_run:
         first_val = trainer.validate(lit, datamodule=datamodule, verbose=False)[0].get("val/loss")
-    trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
+    with exit_on_preemption():  # SIGTERM: last.ckpt is saved (PreemptionCheckpoint), exit 143
+        trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) or isinstance(v, float)}
     metrics["val/loss_first"] = first_val if first_val is not None else float("nan")
@@ -97,7 +102,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("export") and trainer.is_global_zero and not trainer.fast_dev_run:
         from llamahome.core.export import export_hf
 
-        export_hf(lit.model, tokenizer, output_dir / "export")
+        export_hf(lit.model, tokenizer, output_dir / "export", spec=model_spec)
     metrics["time/total_s"] = time.perf_counter() - start
     _finish_wandb_runs(loggers)
     if trainer.is_global_zero:
@@ -145,11 +150,18 @@ def _print_summary(metrics: dict[str, float], trainer, output_dir: Path, print_t
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers."""
+    """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers.
+
+    In a multirun (``-m``) a failing job is logged and recorded in its ``job_status.json`` and
+    returns ``None``, so the sweep goes on (see llamahome/utils/sweep.py).
+    """
     quiet_libraries()
+    metric = cfg.get("optimized_metric") or None
+    if in_multirun():
+        return run_sweep_job(train, cfg, metric)
     with user_errors():
         metrics = train(cfg)
-    value = metrics.get(cfg.get("optimized_metric") or "")
+    value = metrics.get(metric or "")
     return None if value is None else float(value)
 
 

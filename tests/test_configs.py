@@ -8,24 +8,31 @@ from conftest import CONF_DIR
 
 from llamahome.core.model import resolve_spec
 
+ENTRY_POINTS = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in {"hydra"})
-OPTIONS = [
-    (group, f.stem)
-    for group in GROUPS
-    for f in sorted((CONF_DIR / group).glob("*.yaml"))
-    if group != "logger" or f.stem != "many"
-]
+OPTIONS = [(group, f.stem) for group in GROUPS for f in sorted((CONF_DIR / group).glob("*.yaml"))]
+
+
+def entry_point_for(group: str) -> str:
+    """The first entry-point config whose defaults list names ``group`` (train before eval)."""
+    from omegaconf import OmegaConf
+
+    for name in sorted(ENTRY_POINTS, key=lambda n: n != "train"):
+        defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{name}.yaml")).get("defaults", [])
+        if any(isinstance(d, dict) and group in d for d in defaults):
+            return name
+    raise AssertionError(f"no entry point uses conf/{group}")
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_option_composes_into_train(compose_train, group: str, option: str) -> None:
-    if group in {"hparams_search"}:
-        pytest.skip("sweeper configs compose under -m (tested in test_sweeps)")
-    cfg = compose_train(f"{group}={option}")
+def test_every_option_composes(tmp_path, group: str, option: str) -> None:
+    from conftest import compose
+
+    cfg = compose(entry_point_for(group), [f"{group}={option}"], tmp_path)
     assert cfg.task_name
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in CONF_DIR.glob("*.yaml")))
+@pytest.mark.parametrize("name", ENTRY_POINTS)
 def test_every_entry_point_config_composes(tmp_path, name: str) -> None:
     from conftest import compose
 

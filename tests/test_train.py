@@ -133,11 +133,3 @@ def test_cli_unknown_key_fails_fast(tmp_path) -> None:
     result = run_cli("optim.not_a_key=1", f"hydra.run.dir={tmp_path}")
     assert result.returncode != 0
     assert "not_a_key" in result.stderr and "Traceback" not in result.stderr
-
-
-def test_ddp_sim_runs_two_real_processes(tmp_path) -> None:
-    result = run_cli(*TINY_TRAIN, "trainer=ddp_sim", "trainer.max_steps=4", "export=false", f"hydra.run.dir={tmp_path}")
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
-    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()

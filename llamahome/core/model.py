@@ -127,13 +127,20 @@ def spec_from_config_name(name: str) -> ModelSpec:
     return ModelSpec(**cfg)
 
 
-def load_model(source: str | ModelSpec | Any = "smollm2", tokenizer: Any = None, **overrides: Any):
+def load_model(
+    source: str | ModelSpec | Any = "smollm2",
+    tokenizer: Any = None,
+    quantization: Any = None,
+    **overrides: Any,
+):
     """Load (or build) a Llama and its tokenizer, with hybrid attention enabled.
 
     Args:
         source: ``conf/model`` name ("smollm2", "tiny", "llama7b", ...), a local HF directory
             (for example a LlamaHome export), a hub id, or a :class:`ModelSpec`.
         tokenizer: An already loaded tokenizer for this spec (skips loading it again).
+        quantization: A ``transformers.BitsAndBytesConfig`` (``peft=qlora``: 4-bit base on the
+            current CUDA device), or ``None`` for full-precision weights.
         **overrides: ``ModelSpec`` fields, e.g. ``dtype="bfloat16"``, ``pretrained=None``.
 
     Returns:
@@ -142,17 +149,33 @@ def load_model(source: str | ModelSpec | Any = "smollm2", tokenizer: Any = None,
 
     Raises:
         ModelError: The weights or tokenizer cannot be found or loaded.
-        ConfigError: The spec is invalid.
+        ConfigError: The spec is invalid, or 4-bit loading was asked for without a CUDA GPU,
+            without bitsandbytes, or for random initialisation.
     """
     spec = resolve_spec(source, **overrides)
+    if quantization is not None:
+        from llamahome.core.finetuning import require_qlora_support
+
+        # Before anything loads: a missing GPU or bitsandbytes should not cost a download.
+        require_qlora_support()
+        if spec.pretrained is None:
+            raise ConfigError(
+                f"{spec.name}: 4-bit loading needs pretrained weights (model.pretrained)."
+            )
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
-    model = build_or_load_model(spec, tokenizer)
+    model = build_or_load_model(spec, tokenizer, quantization=quantization)
     if spec.attn_implementation == HYBRID:
         from llamahome.core.attention import enable_hybrid_attention
 
         model = enable_hybrid_attention(model)
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.2x renamed it (the old name warns). Non-reentrant: gradients reach
+        # LoRA adapters even though the layer inputs come from frozen embeddings.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
     model.eval()
     return model, tokenizer
@@ -180,8 +203,12 @@ def load_tokenizer(spec: ModelSpec):
     return tokenizer
 
 
-def build_or_load_model(spec: ModelSpec, tokenizer=None):
-    """Random-init from ``spec.config`` when ``pretrained`` is null, else ``from_pretrained``."""
+def build_or_load_model(spec: ModelSpec, tokenizer=None, quantization: Any = None):
+    """Random-init from ``spec.config`` when ``pretrained`` is null, else ``from_pretrained``.
+
+    ``quantization`` (a ``BitsAndBytesConfig``) loads the pretrained weights in 4 bits onto the
+    current CUDA device; bitsandbytes places quantised weights at load time, not on ``.to()``.
+    """
     import torch
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
@@ -202,6 +229,9 @@ def build_or_load_model(spec: ModelSpec, tokenizer=None):
         return model.to(torch.float32 if dtype == "auto" else dtype)
     where = weights_location(spec)
     kwargs = {**_hub_kwargs(spec), "dtype": dtype, "attn_implementation": base_attn}
+    if quantization is not None:
+        device = {"": torch.cuda.current_device()}
+        kwargs.update(quantization_config=quantization, device_map=device)
     return _load_with_clear_error(AutoModelForCausalLM.from_pretrained, where, spec, "weights", **kwargs)
 
 

@@ -11,6 +11,12 @@ import torch
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from llamahome.core.attention import register_hybrid_attention
+
+# A spawned worker (ddp_spawn, DataLoader workers) unpickles this module without ever calling
+# load_model: register the hybrid attention name here so the unpickled model can run.
+register_hybrid_attention()
+
 IGNORE_INDEX = -100
 _MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
 
@@ -27,7 +33,9 @@ class LlamaLitModule(L.LightningModule):
         scheduler: A partial that takes ``(optimizer, num_training_steps=...)``, or ``None``.
         tokenizer: Kept for sample generation and export; never checkpointed.
         cache_spec: KV-cache policy used wherever this module generates (sample callbacks).
-        compile: ``torch.compile`` the model at fit start.
+        compile: ``torch.compile`` the model's forward at fit start: ``True`` (inductor), a
+            backend name (``aot_eager``: graphs without codegen, seconds to compile), or
+            ``False``.
     """
 
     def __init__(
@@ -37,7 +45,7 @@ class LlamaLitModule(L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         tokenizer: Any = None,
         cache_spec: Any = None,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -46,6 +54,7 @@ class LlamaLitModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.compile = compile
+        self._compiled_forward: Callable[..., Any] | None = None
         # PEFT checkpoints hold only the trainable tensors; the frozen base comes from the
         # pretrained weights on resume, so loading must tolerate the missing keys.
         self.is_peft = hasattr(model, "peft_config")
@@ -63,12 +72,21 @@ class LlamaLitModule(L.LightningModule):
 
     def forward(self, batch: dict[str, torch.Tensor]):
         """Run the HF model on the batch's model inputs (extra collate keys are ignored)."""
-        return self.model(**{k: batch[k] for k in _MODEL_INPUTS if k in batch})
+        inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch}
+        if self._compiled_forward is not None:
+            return self._compiled_forward(**inputs)
+        return self.model(**inputs)
 
     def configure_model(self) -> None:
         """Compile lazily, after the strategy has placed the model (Lightning's hook for it)."""
-        if self.compile and not isinstance(self.model, torch._dynamo.eval_frame.OptimizedModule):
-            self.model = torch.compile(self.model)
+        from llamahome.core.finetuning import compile_backend
+
+        backend = compile_backend(self.compile)
+        if backend and self._compiled_forward is None:
+            # The forward, not the module: state-dict keys keep no `_orig_mod.` (checkpoints
+            # resume with or without compile, exports need no unwrapping), and generate() in
+            # the sample callback, with its ever-growing cache shapes, stays eager.
+            self._compiled_forward = torch.compile(self.model.forward, backend=backend)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One optimisation step's loss; logs train/loss and tokens seen."""
