@@ -136,3 +136,24 @@ class SampleGeneration(Callback):
                     columns=["step", "prompt", "completion"],
                     data=[[r["step"], r["prompt"], r["completion"]] for r in self.samples],
                 )
+
+
+class DataSummary(Callback):
+    """Print what the data module prepared (samples, tokens, truncated) when fit starts."""
+
+    @rank_zero_only
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """One table, once the data module's ``setup`` has run."""
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "summary"):
+            return
+        from llamahome.utils.rich_utils import print_table
+
+        summary = {k: v for k, v in datamodule.summary().items() if not isinstance(v, dict)}
+        print_table("Data", [{"key": k, "value": v} for k, v in summary.items()])
+        if summary.get("truncated"):
+            log.warning(
+                "%d samples were truncated to data.max_seq_length=%s",
+                summary["truncated"],
+                summary.get("max_seq_length"),
+            )
