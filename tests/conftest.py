@@ -68,6 +68,15 @@ def compose_train(tmp_path: Path) -> Callable[..., object]:
     return _compose
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and do not starve on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded SmolLM2-135M (model, tokenizer), loaded once per session."""
