@@ -32,11 +32,13 @@ def describe(spec: Any) -> str:
     """``h2o budget 20%`` / ``window 256 tokens`` / ``full``, for the terminal."""
     if spec.policy == "full":
         return "full"
+    floor = getattr(spec, "min_tokens", 0)
+    floor = f", no eviction up to {floor} tokens" if floor else ""
     if spec.budget_ratio is not None:
-        return f"{spec.policy} budget {spec.budget_ratio:.0%}"
+        return f"{spec.policy} budget {spec.budget_ratio:.0%}{floor}"
     if spec.window_length is not None:
-        return f"{spec.policy} {spec.window_length} tokens"
-    return spec.policy
+        return f"{spec.policy} {spec.window_length} tokens{floor}"
+    return f"{spec.policy}{floor}"
 
 
 def handle_command(line: str, session: Any) -> bool:
@@ -105,10 +107,12 @@ def chat(cfg: DictConfig) -> None:
         print_config_tree(cfg)
 
     import torch
+    from transformers.utils import logging as hf_logging
 
     from llamahome.core.model import load_model
     from llamahome.model.chat import ChatSession
 
+    hf_logging.disable_progress_bar()  # no loading bars in a terminal conversation
     torch.manual_seed(int(cfg.get("seed") or 0))
     model, tokenizer = load_model(model_spec)
     session = ChatSession(model, tokenizer, cache_spec, gen_kwargs, cfg.get("system_prompt"))

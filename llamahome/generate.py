@@ -1,14 +1,16 @@
 """Generate text with a KV-cache policy: ``python -m llamahome.generate prompt="..."``.
 
 Defaults: the embedded SmolLM2-135M-Instruct (``model=smollm2``), its chat template, the H2O
-cache at the paper's 20% budget (``cache=h2o``), greedy decoding, tokens streamed to stdout and a
-closing summary line::
+cache at the paper's 20% budget of prompt + answer (``cache=h2o``) above a floor of
+``cache.min_tokens`` (1024) tokens below which nothing is evicted, so a short prompt gets exactly
+the full cache's answer; greedy decoding, tokens streamed to stdout and a closing summary line::
 
     [generate] prompt 31 tokens | new 128 tokens | 3.2 s, 40.0 tok/s |
         KV 0.64 MiB held vs 3.51 MiB full (18%) | cache=h2o     (one line)
 
 Everything is a Hydra override: ``cache=full``, ``cache.budget_ratio=0.1``,
-``prompt_file=notes.txt``, ``do_sample=true temperature=0.8``, ``max_new_tokens=256``.
+``prompt_file=notes.txt``, ``do_sample=true temperature=0.8``, ``max_new_tokens=256``, and
+``model=`` takes a conf name, a Hugging Face directory, a train run (or its export/) or a hub id.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ def read_prompt(cfg: DictConfig) -> str:
             prompt = Path(path).expanduser().read_text(encoding="utf-8")
         except OSError as err:
             raise ConfigError(f"prompt_file={path!r} cannot be read: {err.strerror}") from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"prompt_file={path!r} is not UTF-8 text (byte {err.start}: {err.reason}): "
+                "save it as UTF-8."
+            ) from err
     if not str(prompt).strip():
         raise ConfigError("prompt is empty: give some text to continue")
     return str(prompt)
@@ -133,19 +140,27 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
 
     from llamahome.core.cache import full_kv_bytes, kv_bytes
     from llamahome.core.model import load_model
+    from llamahome.model.context import fit_new_tokens
 
     torch.manual_seed(int(cfg.get("seed") or 0))
     model, tokenizer = load_model(model_spec)
     model.eval()
     inputs = encode(tokenizer, prompt, cfg.get("chat_template", "auto"), cfg.get("system_prompt"))
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    cache = cache_spec.build(model.config)
+    prompt_tokens = int(inputs["input_ids"].shape[1])
+    what = f"prompt_file={cfg.prompt_file}" if cfg.get("prompt_file") else "prompt"
+    max_new = fit_new_tokens(prompt_tokens, gen_kwargs["max_new_tokens"], model.config, what)
+    if max_new < gen_kwargs["max_new_tokens"]:
+        log.warning("max_new_tokens capped at %d: prompt + answer must fit the context", max_new)
+        gen_kwargs["max_new_tokens"] = max_new
+    # Ratio budgets are shares of the whole sequence; the floor (cache.min_tokens) keeps a short
+    # prompt + answer unevicted, so the default cache never changes a short answer.
+    cache = cache_spec.build(model.config, seq_len=prompt_tokens + max_new)
     streamer = (
         TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if cfg.stream else None
     )
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         gen_kwargs["pad_token_id"] = tokenizer.eos_token_id  # silences generate()'s warning
-    prompt_tokens = int(inputs["input_ids"].shape[1])
 
     start = time.perf_counter()
     with torch.no_grad():
