@@ -301,7 +301,7 @@ class ChatSession:
             self._why_new = "history re-tokenized differently; cache has evicted"
         note = self._why_new
         seq_len = len(ids) + self.max_new_tokens
-        self._cache = build_cache(self.cache_spec, self.model.config, seq_len)
+        self._cache = self.cache_spec.build(self.model.config, seq_len=seq_len)
         self._cached_ids, self._why_new = [], "new cache"
         return 0, note
 
@@ -315,12 +315,3 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
-
-
-
-def build_cache(spec: CacheSpec, model_config: Any, seq_len: int) -> Any:
-    """``spec.build`` for a sequence of ``seq_len`` tokens (ratio budgets are shares of it)."""
-    try:
-        return spec.build(model_config, seq_len=seq_len)
-    except TypeError:  # TEMPORARY until the kvcache budget lands
-        return spec.build(model_config)
