@@ -161,9 +161,11 @@ def test_reused_cache_gives_the_tokens_of_a_fresh_prefill(tiny):
 def test_cache_command_parsing():
     from llamahome.model.chat import cache_spec_from_command
 
-    current = CacheSpec(policy="h2o")
+    current = CacheSpec(policy="h2o", min_tokens=16)
     spec = cache_spec_from_command(["h2o", "0.2"], current)
-    assert spec.policy == "h2o" and spec.budget_ratio == 0.2
+    assert spec.policy == "h2o" and spec.budget_ratio == 0.2 and spec.min_tokens == 16
+    full = cache_spec_from_command(["full"], current)
+    assert cache_spec_from_command(["sink", "0.5"], full).min_tokens == 16  # the floor travels
     assert cache_spec_from_command(["window", "64"], current).window_length == 64
     assert cache_spec_from_command(["full"], current).policy == "full"
     for bad in (["lru"], ["h2o", "x"], ["h2o", "-1"], ["full", "0.5"], []):

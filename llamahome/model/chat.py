@@ -121,9 +121,10 @@ def cache_spec_from_command(args: list[str], current: CacheSpec) -> CacheSpec:
     if policy not in POLICIES:
         raise CacheError(f"unknown cache policy {policy!r}; {usage}")
     kwargs: dict[str, Any] = {"policy": policy}
-    if policy != "full":
-        carried = {k: getattr(current, k, None) for k in _CARRIED}
-        kwargs.update({k: v for k, v in carried.items() if v is not None})
+    # The floor travels through /cache full too: /cache full, then /cache h2o 0.2, keeps it.
+    carried = _CARRIED if policy != "full" else ("min_tokens",)
+    values = {k: getattr(current, k, None) for k in carried}
+    kwargs.update({k: v for k, v in values.items() if v is not None})
     if len(args) == 2:
         if policy == "full":
             raise CacheError("the full cache has no budget: /cache full")
