@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -180,3 +181,17 @@ def test_a_typo_is_one_error_line_from_the_entry_point(tmp_path):
     proc = _run("llamahome.generate", "model=tinyy", tmp_path=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error: ConfigError: model=tinyy is not a conf/model")
+
+
+def test_train_fine_tunes_from_a_run_dir(run_dir, tmp_path):
+    from conftest import TINY_TRAIN
+
+    from llamahome.train import train
+
+    argv = model_argument(["prog", *TINY_TRAIN, f"model={run_dir}"])
+    argv = [a for a in argv[1:] if a != "model=tiny"]
+    overrides = [*argv, "trainer.max_steps=2", "trainer.val_check_interval=2", "export=false"]
+    cfg = compose("train", overrides, tmp_path / "run")
+    assert cfg.model.pretrained == str(run_dir)
+    metrics = train(cfg)
+    assert math.isfinite(metrics["val/loss_first"]) and math.isfinite(metrics["val/loss"])

@@ -59,10 +59,13 @@ def model_argument(argv: list[str] | None = None) -> list[str]:
     """
     argv = sys.argv if argv is None else argv
     with user_errors():
-        for i, arg in enumerate(list(argv[1:]), start=1):
+        rewritten = [argv[0]] if argv else []
+        for arg in argv[1:]:
             if arg.startswith("model=") and "," not in arg:
-                argv[i : i + 1] = _model_overrides(arg.removeprefix("model="))
-                break  # one model= per command line, as Hydra itself allows
+                rewritten.extend(_model_overrides(arg.removeprefix("model=")))
+            else:
+                rewritten.append(arg)
+        argv[:] = rewritten
     return argv
 
 
