@@ -109,8 +109,8 @@ def chat(cfg: DictConfig) -> None:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from llamahome.core.model import load_model
     from llamahome.model.chat import ChatSession
+    from llamahome.model.load import load_model
 
     hf_logging.disable_progress_bar()  # no loading bars in a terminal conversation
     torch.manual_seed(int(cfg.get("seed") or 0))
@@ -130,7 +130,7 @@ def chat(cfg: DictConfig) -> None:
     repl(session)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="chat")
+@hydra.main(version_base="1.3", config_path="conf", config_name="chat")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     quiet_libraries()

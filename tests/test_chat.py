@@ -9,8 +9,8 @@ import sys
 import pytest
 from conftest import REPO
 
-from llamahome.core.cache import CacheSpec
 from llamahome.errors import CacheError
+from llamahome.kvcache.spec import CacheSpec
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -33,7 +33,7 @@ LONG = " ".join(f"word{i} and" for i in range(60))  # ~200 tokens: past the floo
 def tiny_dir(tmp_path_factory):
     """The tiny random Llama with its BPE tokenizer and a chat template, saved as HF files."""
     from llamahome import load_model
-    from llamahome.core.export import export_hf
+    from llamahome.model.export import export_hf
 
     model, tokenizer = load_model("tiny")
     tokenizer.chat_template = TEMPLATE

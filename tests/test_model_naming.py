@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A fake train run: ``<run>/export`` holds the tiny model, its BPE tokenizer and config."""
-    from llamahome.core.export import export_hf
+    from llamahome.model.export import export_hf
 
     model, tokenizer = load_model("tiny")
     run = tmp_path_factory.mktemp("runs") / "2026-01-01_00-00-00"
@@ -138,7 +138,7 @@ def test_unknown_hub_id_says_no_local_dir_and_no_hub_access():
 
 
 def test_dtype_accepts_torch_dtypes():
-    from llamahome.core.model import resolve_spec
+    from llamahome.model.load import resolve_spec
 
     assert resolve_spec("tiny", dtype=torch.bfloat16).dtype == "bfloat16"
     model, _ = load_model("tiny", dtype=torch.bfloat16)

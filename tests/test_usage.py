@@ -27,7 +27,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     import torch
 
     from llamahome import load_model
-    from llamahome.core.export import export_hf
+    from llamahome.model.export import export_hf
 
     model, tokenizer = load_model("tiny")
     generator = torch.Generator().manual_seed(0)

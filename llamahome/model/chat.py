@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from transformers import DynamicCache, TextStreamer
 
-from llamahome.core.cache import POLICIES, CacheSpec, full_kv_bytes, kv_bytes
-from llamahome.core.generation import cache_kwarg
 from llamahome.errors import CacheError, ConfigError
+from llamahome.kvcache.spec import POLICIES, CacheSpec, full_kv_bytes, kv_bytes
+from llamahome.model.generation import cache_kwarg
 
 # For tokenizers without a chat template (the local BPE of model=tiny): a plain transcript.
 FALLBACK_TEMPLATE = (
