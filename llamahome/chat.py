@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from llamahome.errors import LlamaHomeError
-from llamahome.generate import generation_kwargs
+from llamahome.model.generation import SAMPLING_KEYS, sampling_kwargs
 from llamahome.utils.cli import model_argument, quiet_libraries, user_errors
 from llamahome.utils.validation import build
 
@@ -100,7 +100,7 @@ def chat(cfg: DictConfig) -> None:
     """Compose, load, and run the chat loop."""
     cache_spec = build(cfg, "cache")
     model_spec = build(cfg, "model")
-    gen_kwargs = generation_kwargs(cfg)
+    gen_kwargs = sampling_kwargs(**{key: cfg.get(key) for key in SAMPLING_KEYS})
     if cfg.get("print_config"):
         from llamahome.utils.rich_utils import print_config_tree
 

@@ -57,30 +57,14 @@ def read_prompt(cfg: DictConfig) -> str:
 
 
 def generation_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """``model.generate`` keyword arguments from the sampling keys, validated.
+    """``model.generate`` keyword arguments from the config's sampling keys, validated.
 
     Raises:
         ConfigError: Naming the first key out of range.
     """
-    max_new = cfg.get("max_new_tokens")
-    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
-        raise ConfigError(f"max_new_tokens={max_new!r} must be an integer >= 1")
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new, "do_sample": bool(cfg.get("do_sample"))}
-    penalty = float(cfg.get("repetition_penalty") or 1.0)
-    if penalty <= 0:
-        raise ConfigError(f"repetition_penalty={penalty} must be > 0 (1.0 = off)")
-    if penalty != 1.0:
-        kwargs["repetition_penalty"] = penalty
-    if kwargs["do_sample"]:
-        temperature, top_p, top_k = cfg.get("temperature"), cfg.get("top_p"), cfg.get("top_k")
-        if temperature is None or temperature <= 0:
-            raise ConfigError(f"temperature={temperature!r} must be > 0 when do_sample=true")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ConfigError(f"top_p={top_p!r} must be in (0, 1]")
-        if top_k is not None and top_k < 0:
-            raise ConfigError(f"top_k={top_k!r} must be >= 0 (0 = off)")
-        kwargs.update(temperature=float(temperature), top_p=top_p, top_k=top_k)
-    return kwargs
+    from llamahome.model.generation import SAMPLING_KEYS, sampling_kwargs
+
+    return sampling_kwargs(**{key: cfg.get(key) for key in SAMPLING_KEYS})
 
 
 def check_chat_template(value: Any) -> None:
