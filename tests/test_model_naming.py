@@ -129,6 +129,12 @@ def test_a_run_without_export_names_the_path(tmp_path):
         load_model("smollm2", pretrained=str(run))
 
 
+def test_a_directory_that_is_no_model_says_so(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ModelError, match="has no config.json, so it is not a Hugging Face model"):
+        load_model(str(tmp_path))
+
+
 def test_unknown_hub_id_says_no_local_dir_and_no_hub_access():
     with pytest.raises(ModelError) as info:
         load_model("no/such")

@@ -292,6 +292,11 @@ def weights_location(spec: ModelSpec) -> str:
     where = local_model_dir(resolve_location(spec.pretrained, spec))
     if spec.gguf_file and not is_hf_dir(where):
         return converted_gguf_dir(where, spec)
+    if Path(where).is_dir() and not is_hf_dir(where):
+        raise ModelError(
+            f"{where} has no config.json, so it is not a Hugging Face model directory: give a "
+            "directory with config.json + weights + tokenizer, a train run, or its export/."
+        )
     return where
 
 
