@@ -183,3 +183,17 @@ def test_message_longer_than_the_context_is_one_error(tiny):
     with pytest.raises(ConfigError, match="context is 64 tokens"):
         session.send(LONG)
     assert session.messages == []  # the refused message is not in the history
+
+
+def test_an_evicting_cache_lives_across_turns(smollm2):
+    """SmolLM2 re-tokenizes its own answers exactly: the h2o cache continues, bounded."""
+    from llamahome.model.chat import ChatSession
+
+    model, tokenizer = smollm2
+    spec = CacheSpec(policy="h2o", budget_ratio=0.5, min_tokens=16)
+    session = ChatSession(model, tokenizer, spec, {"max_new_tokens": 6, "do_sample": False})
+    _, first = session.send("What is a Python list?")
+    assert first.kv_tokens < first.seen_tokens  # it evicted
+    _, second = session.send("And a tuple?")
+    assert second.reused == first.seen_tokens and second.prefilled < 20
+    assert second.kv_tokens == first.kv_tokens < second.seen_tokens  # bounded, not re-built
