@@ -136,6 +136,20 @@ def test_cache_switch_and_smaller_kv_for_h2o(tiny_dir, tmp_path):
     assert child.exitstatus == 0
 
 
+def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(tiny_dir, tmp_path):
+    child = spawn(tmp_path, f"model={tiny_dir}", "cache=full", "max_new_tokens=1500")
+    child.sendline("Tell me everything.")
+    child.expect_exact("Tell me everything.\r\n")  # the terminal's echo
+    child.expect(r"\S")  # the answer has started streaming
+    child.sendintr()
+    child.expect_exact("[chat] answer interrupted")
+    child.expect_exact(PROMPT)
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
 # ---- the session, in process ----------------------------------------------------------------
 
 
