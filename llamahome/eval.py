@@ -28,7 +28,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from llamahome.errors import ModelError
-from llamahome.utils.cli import quiet_libraries, user_errors
+from llamahome.utils.cli import model_argument, quiet_libraries, user_errors
 from llamahome.utils.sweep import in_multirun, run_sweep_job
 from llamahome.utils.validation import build
 
@@ -294,4 +294,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    model_argument()  # model=<dir|run|hub id> -> model=hf model.pretrained=...
     main()

@@ -22,7 +22,7 @@ import hydra
 from omegaconf import DictConfig
 
 from llamahome.errors import ConfigError
-from llamahome.utils.cli import quiet_libraries, user_errors
+from llamahome.utils.cli import model_argument, quiet_libraries, user_errors
 from llamahome.utils.validation import build
 
 log = logging.getLogger("llamahome.generate")
@@ -186,4 +186,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    model_argument()  # model=<dir|run|hub id> -> model=hf model.pretrained=...
     main()

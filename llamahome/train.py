@@ -15,7 +15,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from llamahome.utils.cli import quiet_libraries, user_errors
+from llamahome.utils.cli import model_argument, quiet_libraries, user_errors
 from llamahome.utils.sweep import in_multirun, run_sweep_job
 from llamahome.utils.validation import build, check_optimizer, check_trainer, resolve_ckpt_path
 
@@ -166,4 +166,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    model_argument()  # model=<dir|run|hub id> -> model=hf model.pretrained=...
     main()
