@@ -1,6 +1,7 @@
 """Serve a model over an OpenAI-compatible HTTP API: ``python -m llamahome.serve``.
 
     python -m llamahome.serve model=smollm2 cache=h2o serve.port=8000
+    python -m llamahome.serve model=outputs/train/runs/<time>      # a run, its export/, a dir
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \
         -d '{"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}'
 
@@ -19,7 +20,7 @@ import hydra
 from omegaconf import DictConfig
 
 from llamahome.errors import ConfigError
-from llamahome.utils.cli import quiet_libraries, user_errors
+from llamahome.utils.cli import model_argument, quiet_libraries, user_errors
 from llamahome.utils.validation import build
 
 log = logging.getLogger("llamahome.serve")
@@ -109,4 +110,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    model_argument()  # model=<dir|run|export|hub id> -> model=hf model.pretrained=...
     main()

@@ -52,9 +52,12 @@ def model_dir(tmp_path_factory):
 
 
 def serve_overrides(model_dir) -> list[str]:
+    # model=<dir>, as a user types it (the entry point rewrites it before Hydra parses it).
+    from llamahome.utils.cli import model_argument
+
     return [
-        "model=tiny", f"model.pretrained={model_dir}", "model.tokenizer=null", "cache=full",
-        "print_config=false", "serve.batch_window_ms=50", "serve.max_new_tokens=16",
+        *model_argument(["serve", f"model={model_dir}"])[1:], "serve.model_name=tiny",
+        "cache=full", "print_config=false", "serve.batch_window_ms=50", "serve.max_new_tokens=16",
     ]
 
 
@@ -294,7 +297,7 @@ def test_full_queue_gets_429(server):
 def test_cli_binds_localhost_and_never_prints_the_key(model_dir, tmp_path):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "LLAMAHOME_API_KEY": "sk-env-secret-9"}
-    args = [*serve_overrides(model_dir), f"serve.port={port}", "print_config=true",
+    args = [f"model={model_dir}", "cache=full", f"serve.port={port}", "print_config=true",
             f"hydra.run.dir={tmp_path}", "serve.api_key=sk-argv-secret-7"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "llamahome.serve", *args], cwd=tmp_path, env=env,
@@ -311,7 +314,7 @@ def test_cli_binds_localhost_and_never_prints_the_key(model_dir, tmp_path):
         client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-argv-secret-7", max_retries=0
         )
-        assert client.models.list().data[0].id == "tiny"
+        assert client.models.list().data[0].id == model_dir.name
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
