@@ -212,6 +212,8 @@ def test_per_request_cache_policy(server, client):
         ({"kv_cache": {"policy": "lru"}}, "invalid_kv_cache"),
         ({"kv_cache": {"policy": "h2o", "budget": 1.5}}, "invalid_kv_cache"),
         ({"kv_cache": {"policy": "h2o", "budget": 0}}, "invalid_kv_cache"),
+        ({"kv_cache": {"policy": "h2o", "budget": True}}, "invalid_kv_cache"),
+        ({"kv_cache": {"policy": "h2o", "ratio": 0.2}}, "invalid_kv_cache"),
         ({"temperature": 3}, "invalid_value"),
         ({"top_p": 0}, "invalid_value"),
         ({"max_tokens": 0}, "invalid_value"),

@@ -37,6 +37,7 @@ from llamahome.serving.schemas import (
 )
 
 log = logging.getLogger("llamahome.serve")
+_TAGS = {"float", "int", "str", "bool", "dict", "list"}
 
 
 class APIError(Exception):
@@ -203,14 +204,16 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, err: RequestValidationError) -> JSONResponse:
         first = (err.errors() or [{}])[0]
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # Drop "body" and pydantic's union-member tags ("float", "list[str]") from the path.
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and str(p) not in _TAGS]
+        loc = [p for p in loc if "[" not in p]
         if first.get("type") == "json_invalid":
             message, code = "The request body is not valid JSON.", "invalid_json"
         elif first.get("type") == "missing":
             message, code = f"{'.'.join(loc)} is required.", "missing_field"
         else:
             message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
-            code = "invalid_value"
+            code = "invalid_kv_cache" if loc[:1] == ["kv_cache"] else "invalid_value"
         return APIError(400, message, param=".".join(loc) or None, code=code).response()
 
     @app.exception_handler(StarletteHTTPException)

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -22,7 +22,7 @@ class KVCacheOverride(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     policy: str | None = None
-    budget: float | int | None = None
+    budget: StrictFloat | StrictInt | None = None
     min_tokens: int | None = Field(default=None, ge=0)
 
 
