@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 import hydra
@@ -24,6 +25,7 @@ from llamahome.utils.cli import model_argument, quiet_libraries, user_errors
 from llamahome.utils.validation import build
 
 log = logging.getLogger("llamahome.serve")
+TYPED_MODEL: list[str] = []
 
 
 def check_serve(cfg: DictConfig) -> dict[str, Any]:
@@ -64,7 +66,8 @@ def build_server(cfg: DictConfig):
     )
     name = serve.get("model_name") or model_spec.name
     settings = ServeSettings(
-        model_ids=[name, *{str(cfg.model.get("name")), str(model_spec.pretrained)} - {name}],
+        model_ids=[name, *{str(cfg.model.get("name")), str(model_spec.pretrained), *TYPED_MODEL}
+                   - {name, "None"}],
         default_cache=cache_spec,
         context_length=int(serve.get("context_length") or model.config.max_position_embeddings),
         max_new_tokens=serve["max_new_tokens"],
@@ -110,5 +113,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    # Clients may also name the model as it was typed (model=outputs/train/runs/...).
+    TYPED_MODEL.extend(a.removeprefix("model=") for a in sys.argv[1:] if a.startswith("model="))
     model_argument()  # model=<dir|run|export|hub id> -> model=hf model.pretrained=...
     main()

@@ -317,6 +317,9 @@ def test_cli_binds_localhost_and_never_prints_the_key(model_dir, tmp_path):
             base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-argv-secret-7", max_retries=0
         )
         assert client.models.list().data[0].id == model_dir.name
+        # The model may also be named as it was typed on the command line.
+        out = client.completions.create(model=str(model_dir), prompt="x = ", max_tokens=2)
+        assert out.usage.completion_tokens >= 1
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
