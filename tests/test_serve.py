@@ -204,6 +204,14 @@ def test_per_request_cache_policy(server, client):
         extra_body={"kv_cache": {"policy": "window", "budget": 32, "min_tokens": 0}},
     )
     assert count.usage.model_extra["kv_cache"]["policy"] == "window"
+    # Under the server's floor (min_tokens 1024) a short request is exactly the full answer.
+    short = client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=10, temperature=0,
+        extra_body={"kv_cache": {"policy": "h2o", "budget": 0.2}},
+    )
+    kv = short.usage.model_extra["kv_cache"]
+    assert short.choices[0].text == reference(server[1], PROMPT, 10)
+    assert kv["policy"] == "h2o" and kv["bytes_held"] == kv["bytes_full"]
 
 
 @pytest.mark.parametrize(

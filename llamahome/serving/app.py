@@ -125,10 +125,8 @@ def cache_spec_for(override: KVCacheOverride | None, default: Any) -> Any:
         kwargs["budget_ratio"] = budget
     elif isinstance(budget, int):
         kwargs["window_length"] = budget
-    has_floor = any(f.name == "min_tokens" for f in dataclasses.fields(CacheSpec))
-    if has_floor:
-        floor = override.min_tokens
-        kwargs["min_tokens"] = floor if floor is not None else default.min_tokens
+    floor = override.min_tokens
+    kwargs["min_tokens"] = floor if floor is not None else default.min_tokens
     try:
         if budget is None and policy == default.policy:
             return dataclasses.replace(default, **kwargs)

@@ -287,7 +287,4 @@ def _bytes_per_token(cache: Any) -> int:
 
 def build_cache(spec: Any, model_config: Any, seq_len: int) -> Any:
     """``spec.build`` with the sequence length the ratio budget refers to (prompt + answer)."""
-    try:
-        return spec.build(model_config, seq_len=seq_len)
-    except TypeError:  # a CacheSpec without the seq_len budget API
-        return spec.build(model_config)
+    return spec.build(model_config, seq_len=seq_len)
