@@ -100,6 +100,8 @@ def bench(args, batch: int) -> dict[str, dict[str, float]]:
         for _ in range(args.rounds):
             for name, kv in caches.items():
                 wall, lat, tokens = wave(client, model, kv, args.concurrency, args)
+                print(f"  batch<={batch} {name}: {len(lat)} requests, {tokens} tokens in "
+                      f"{wall:.1f} s", flush=True)
                 totals[name]["wall"] += wall
                 totals[name]["lat"] += lat
                 totals[name]["tokens"] += tokens
