@@ -271,6 +271,41 @@ def test_malformed_json_and_auth(server, client):
     assert httpx.get(server[0] + "/v1/nowhere", headers=auth).status_code == 404
 
 
+def test_engine_failure_is_a_500_and_the_server_goes_on(server, client, monkeypatch):
+    engine, calls = server[1], []
+    real = engine.build_cache
+
+    def fail_once(spec, seq_len):
+        calls.append(seq_len)
+        if len(calls) == 1:
+            raise RuntimeError("simulated out of memory")
+        return real(spec, seq_len)
+
+    monkeypatch.setattr(engine, "build_cache", fail_once)
+    with pytest.raises(openai.InternalServerError) as err:
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, temperature=0)
+    assert err.value.body["type"] == "server_error"
+    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, temperature=0)
+    assert out.usage.completion_tokens == 2
+
+
+def test_client_gone_mid_stream_frees_its_row(server, client):
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 1000, "stream": True}
+    with httpx.stream(
+        "POST", server[0] + "/v1/completions", json=body,
+        headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+    ) as response:
+        before = server[1].tokens
+        lines = response.iter_lines()
+        while not next(lines).startswith('data: {"id'):  # the role chunk
+            pass
+        while not next(lines).startswith('data: {"id'):  # a text chunk: generation runs
+            pass
+    out = client.completions.create(model="tiny", prompt="x = 1", max_tokens=3, temperature=0)
+    assert out.choices[0].text == reference(server[1], "x = 1", 3)
+    assert server[1].tokens - before < 200  # the 1000 tokens nobody reads were not generated
+
+
 def test_still_answers_after_errors(server, client):
     out = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0

@@ -226,7 +226,10 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": settings.model_ids[0], "queued": engine.queued}
+        return {
+            "status": "ok", "model": settings.model_ids[0], "queued": engine.queued,
+            "batches": engine.batches, "requests": engine.rows, "tokens": engine.tokens,
+        }
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -137,8 +137,9 @@ class Engine:
         self.eos = {t for t in [*eos, tokenizer.eos_token_id] if t is not None}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.device = next(model.parameters()).device
-        self.batches = 0  # batches run, and their rows: for logs and tests
+        self.batches = 0  # batches run, their rows and tokens generated: for /health and tests
         self.rows = 0
+        self.tokens = 0
 
     # ---- public ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -221,6 +222,7 @@ class Engine:
         active = list(range(len(rows)))  # row index of each batch position
         while True:
             tokens = self._sample(out.logits[:, -1, :], [rows[i] for i in active])
+            self.tokens += len(active)
             for pos, i in enumerate(active):
                 rows[i].push(int(tokens[pos]), self.eos)
             keep = [pos for pos, i in enumerate(active) if rows[i].finish is None]
