@@ -268,6 +268,9 @@ def test_malformed_json_and_auth(server, client):
         wrong.models.list()
     assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
     assert httpx.post(url, content=b"{not json").status_code == 401  # auth before parsing
+    for raw in (b"", b"null", b'{"model": "tiny", "messages": "hi"}'):
+        answer = httpx.post(url, content=raw, headers=json_headers)
+        assert answer.status_code == 400 and answer.json()["error"]["message"]
     assert httpx.get(server[0] + "/v1/nowhere", headers=auth).status_code == 404
 
 

@@ -152,7 +152,7 @@ def chat_prompt_ids(tokenizer: Any, request: ChatRequest) -> list[int]:
             for m in request.messages
         ]
     except ValueError as err:
-        raise APIError(400, str(err), param="messages") from err
+        raise APIError(400, str(err), param="messages", code="invalid_value") from err
     if getattr(tokenizer, "chat_template", None):
         try:
             text = tokenizer.apply_chat_template(
@@ -207,6 +207,9 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         loc = [p for p in loc if "[" not in p]
         if first.get("type") == "json_invalid":
             message, code = "The request body is not valid JSON.", "invalid_json"
+        elif not loc:
+            message = "The request body must be a JSON object (Content-Type: application/json)."
+            code = "invalid_json"
         elif first.get("type") == "missing":
             message, code = f"{'.'.join(loc)} is required.", "missing_field"
         else:
