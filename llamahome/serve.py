@@ -51,7 +51,7 @@ def check_serve(cfg: DictConfig) -> dict[str, Any]:
 
 def build_server(cfg: DictConfig):
     """Load the model and return ``(app, engine, serve settings)``; the engine is started."""
-    from llamahome.core.model import load_model
+    from llamahome.model.load import load_model
     from llamahome.serving.app import ServeSettings, create_app
     from llamahome.serving.engine import Engine, build_cache
 
@@ -104,7 +104,7 @@ def serve(cfg: DictConfig) -> None:
         engine.stop()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
+@hydra.main(version_base="1.3", config_path="conf", config_name="serve")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     quiet_libraries()

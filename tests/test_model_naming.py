@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A fake train run: ``<run>/export`` holds the tiny model, its BPE tokenizer and config."""
-    from llamahome.core.export import export_hf
+    from llamahome.model.export import export_hf
 
     model, tokenizer = load_model("tiny")
     run = tmp_path_factory.mktemp("runs") / "2026-01-01_00-00-00"
@@ -128,6 +129,12 @@ def test_a_run_without_export_names_the_path(tmp_path):
         load_model("smollm2", pretrained=str(run))
 
 
+def test_a_directory_that_is_no_model_says_so(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ModelError, match="has no config.json, so it is not a Hugging Face model"):
+        load_model(str(tmp_path))
+
+
 def test_unknown_hub_id_says_no_local_dir_and_no_hub_access():
     with pytest.raises(ModelError) as info:
         load_model("no/such")
@@ -137,7 +144,7 @@ def test_unknown_hub_id_says_no_local_dir_and_no_hub_access():
 
 
 def test_dtype_accepts_torch_dtypes():
-    from llamahome.core.model import resolve_spec
+    from llamahome.model.load import resolve_spec
 
     assert resolve_spec("tiny", dtype=torch.bfloat16).dtype == "bfloat16"
     model, _ = load_model("tiny", dtype=torch.bfloat16)
@@ -180,3 +187,17 @@ def test_a_typo_is_one_error_line_from_the_entry_point(tmp_path):
     proc = _run("llamahome.generate", "model=tinyy", tmp_path=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error: ConfigError: model=tinyy is not a conf/model")
+
+
+def test_train_fine_tunes_from_a_run_dir(run_dir, tmp_path):
+    from conftest import TINY_TRAIN
+
+    from llamahome.train import train
+
+    argv = model_argument(["prog", *TINY_TRAIN, f"model={run_dir}"])
+    argv = [a for a in argv[1:] if a != "model=tiny"]
+    overrides = [*argv, "trainer.max_steps=2", "trainer.val_check_interval=2", "export=false"]
+    cfg = compose("train", overrides, tmp_path / "run")
+    assert cfg.model.pretrained == str(run_dir)
+    metrics = train(cfg)
+    assert math.isfinite(metrics["val/loss_first"]) and math.isfinite(metrics["val/loss"])

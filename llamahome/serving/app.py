@@ -22,8 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llamahome.core.cache import POLICIES, CacheSpec
 from llamahome.errors import CacheError
+from llamahome.kvcache.spec import POLICIES, CacheSpec
 from llamahome.serving.engine import Engine, GenRequest, QueueFull
 from llamahome.serving.schemas import (
     ChatRequest,

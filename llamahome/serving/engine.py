@@ -262,7 +262,7 @@ class Engine:
 
     def _finish(self, row: _Row, cache: Any, batch_rows: int, width: int) -> None:
         """Emit the row's last event: finish reason and the usage figures."""
-        from llamahome.core.cache import kv_bytes
+        from llamahome.kvcache.spec import kv_bytes
 
         # The last token is returned, never fed back: the cache has seen one fewer.
         tokens = len(row.req.prompt_ids) + len(row.ids) - 1

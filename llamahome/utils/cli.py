@@ -38,6 +38,20 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def is_rank_zero() -> bool:
+    """Whether this process is rank 0, read from the launcher's environment as Lightning does.
+
+    Entry points and sweep bookkeeping write files and print tables on rank 0 only; this reads
+    the same variables as ``lightning.fabric.utilities.rank_zero._get_rank`` without importing
+    Lightning, so eval, generate and serve stay free of it.
+    """
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        rank = os.environ.get(key)
+        if rank is not None:
+            return int(rank) == 0
+    return True
+
+
 # owner/name on the hub: letters, digits, '.', '_', '-' (no spaces, one slash).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
@@ -59,10 +73,13 @@ def model_argument(argv: list[str] | None = None) -> list[str]:
     """
     argv = sys.argv if argv is None else argv
     with user_errors():
-        for i, arg in enumerate(list(argv[1:]), start=1):
+        rewritten = [argv[0]] if argv else []
+        for arg in argv[1:]:
             if arg.startswith("model=") and "," not in arg:
-                argv[i : i + 1] = _model_overrides(arg.removeprefix("model="))
-                break  # one model= per command line, as Hydra itself allows
+                rewritten.extend(_model_overrides(arg.removeprefix("model=")))
+            else:
+                rewritten.append(arg)
+        argv[:] = rewritten
     return argv
 
 
