@@ -7,7 +7,7 @@ cache is chosen per request (``kv_cache``), so full and h2o run on the same serv
 alternating waves. The number of requests is bounded; the script stops by itself.
 
     python scripts/bench_serve.py                 # smollm2, 8 concurrent, ~600-token prompts
-    python scripts/bench_serve.py --quick         # tiny random model, a few seconds
+    python scripts/bench_serve.py --quick         # tiny random model, 8 x ~150-token prompts
     python scripts/bench_serve.py --model outputs/train/runs/<time> --budget 0.1
 """
 
@@ -133,8 +133,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, small waves")
     args = parser.parse_args()
     if args.quick:
-        args.model, args.concurrency, args.rounds = "tiny", 4, 1
-        args.max_tokens, args.prompt_chars = 16, 1600
+        args.model, args.concurrency, args.rounds = "tiny", 8, 2
+        args.max_tokens, args.prompt_chars = 32, 600
 
     runs = {f"batch<={args.concurrency}": bench(args, args.concurrency)}
     if not args.no_unbatched:
