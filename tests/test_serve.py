@@ -190,6 +190,26 @@ def test_four_concurrent_requests_are_batched(server, client):
     assert engine.rows - rows == 4 and engine.batches - batches < 4  # some ran together
 
 
+def test_concurrent_requests_with_different_caches_are_all_answered(server, client):
+    engine = server[1]
+    h2o = {"kv_cache": {"policy": "h2o", "budget": 0.2, "min_tokens": 0}}
+    jobs = [({}, PROMPT), (h2o, PROMPT), ({}, "x = 1"), (h2o, "x = 1")]
+    batches = engine.batches
+
+    def ask(job) -> tuple[str, str]:
+        extra, prompt = job
+        out = client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=6, temperature=0, extra_body=extra
+        )
+        return out.choices[0].text, out.usage.model_extra["kv_cache"]["policy"]
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, jobs))
+    assert [policy for _, policy in answers] == ["full", "h2o", "full", "h2o"]
+    assert answers[0][0] == reference(engine, PROMPT, 6)  # full rows are exact
+    assert engine.batches - batches >= 2  # one cache object per configuration
+
+
 def test_per_request_cache_policy(server, client):
     kv_cache = {"policy": "h2o", "budget": 0.2, "min_tokens": 0}
     out = client.completions.create(
