@@ -1,14 +1,16 @@
 """Generate text with a KV-cache policy: ``python -m llamahome.generate prompt="..."``.
 
 Defaults: the embedded SmolLM2-135M-Instruct (``model=smollm2``), its chat template, the H2O
-cache at the paper's 20% budget (``cache=h2o``), greedy decoding, tokens streamed to stdout and a
-closing summary line::
+cache at the paper's 20% budget of prompt + answer (``cache=h2o``) above a floor of
+``cache.min_tokens`` (1024) tokens below which nothing is evicted, so a short prompt gets exactly
+the full cache's answer; greedy decoding, tokens streamed to stdout and a closing summary line::
 
     [generate] prompt 31 tokens | new 128 tokens | 3.2 s, 40.0 tok/s |
         KV 0.64 MiB held vs 3.51 MiB full (18%) | cache=h2o     (one line)
 
 Everything is a Hydra override: ``cache=full``, ``cache.budget_ratio=0.1``,
-``prompt_file=notes.txt``, ``do_sample=true temperature=0.8``, ``max_new_tokens=256``.
+``prompt_file=notes.txt``, ``do_sample=true temperature=0.8``, ``max_new_tokens=256``, and
+``model=`` takes a conf name, a Hugging Face directory, a train run (or its export/) or a hub id.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import hydra
 from omegaconf import DictConfig
 
 from llamahome.errors import ConfigError
-from llamahome.utils.cli import quiet_libraries, user_errors
+from llamahome.utils.cli import model_argument, quiet_libraries, user_errors
 from llamahome.utils.validation import build
 
 log = logging.getLogger("llamahome.generate")
@@ -44,36 +46,25 @@ def read_prompt(cfg: DictConfig) -> str:
             prompt = Path(path).expanduser().read_text(encoding="utf-8")
         except OSError as err:
             raise ConfigError(f"prompt_file={path!r} cannot be read: {err.strerror}") from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"prompt_file={path!r} is not UTF-8 text (byte {err.start}: {err.reason}): "
+                "save it as UTF-8."
+            ) from err
     if not str(prompt).strip():
         raise ConfigError("prompt is empty: give some text to continue")
     return str(prompt)
 
 
 def generation_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """``model.generate`` keyword arguments from the sampling keys, validated.
+    """``model.generate`` keyword arguments from the config's sampling keys, validated.
 
     Raises:
         ConfigError: Naming the first key out of range.
     """
-    max_new = cfg.get("max_new_tokens")
-    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
-        raise ConfigError(f"max_new_tokens={max_new!r} must be an integer >= 1")
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new, "do_sample": bool(cfg.get("do_sample"))}
-    penalty = float(cfg.get("repetition_penalty") or 1.0)
-    if penalty <= 0:
-        raise ConfigError(f"repetition_penalty={penalty} must be > 0 (1.0 = off)")
-    if penalty != 1.0:
-        kwargs["repetition_penalty"] = penalty
-    if kwargs["do_sample"]:
-        temperature, top_p, top_k = cfg.get("temperature"), cfg.get("top_p"), cfg.get("top_k")
-        if temperature is None or temperature <= 0:
-            raise ConfigError(f"temperature={temperature!r} must be > 0 when do_sample=true")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ConfigError(f"top_p={top_p!r} must be in (0, 1]")
-        if top_k is not None and top_k < 0:
-            raise ConfigError(f"top_k={top_k!r} must be >= 0 (0 = off)")
-        kwargs.update(temperature=float(temperature), top_p=top_p, top_k=top_k)
-    return kwargs
+    from llamahome.model.generation import SAMPLING_KEYS, sampling_kwargs
+
+    return sampling_kwargs(**{key: cfg.get(key) for key in SAMPLING_KEYS})
 
 
 def check_chat_template(value: Any) -> None:
@@ -131,8 +122,9 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     import torch
     from transformers import TextStreamer
 
-    from llamahome.core.cache import full_kv_bytes, kv_bytes
-    from llamahome.core.model import load_model
+    from llamahome.kvcache.spec import full_kv_bytes, kv_bytes
+    from llamahome.model.context import fit_new_tokens
+    from llamahome.model.load import load_model
 
     torch.manual_seed(int(cfg.get("seed") or 0))
     model, tokenizer = load_model(model_spec)
@@ -140,8 +132,14 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     inputs = encode(tokenizer, prompt, cfg.get("chat_template", "auto"), cfg.get("system_prompt"))
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     prompt_tokens = int(inputs["input_ids"].shape[1])
-    # Ratio budgets are shares of the whole sequence: prompt + new tokens (H2O paper).
-    cache = cache_spec.build(model.config, seq_len=prompt_tokens + gen_kwargs["max_new_tokens"])
+    what = f"prompt_file={cfg.prompt_file}" if cfg.get("prompt_file") else "prompt"
+    max_new = fit_new_tokens(prompt_tokens, gen_kwargs["max_new_tokens"], model.config, what)
+    if max_new < gen_kwargs["max_new_tokens"]:
+        log.warning("max_new_tokens capped at %d: prompt + answer must fit the context", max_new)
+        gen_kwargs["max_new_tokens"] = max_new
+    # Ratio budgets are shares of the whole sequence; the floor (cache.min_tokens) keeps a short
+    # prompt + answer unevicted, so the default cache never changes a short answer.
+    cache = cache_spec.build(model.config, seq_len=prompt_tokens + max_new)
     streamer = (
         TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if cfg.stream else None
     )
@@ -178,7 +176,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+@hydra.main(version_base="1.3", config_path="conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     quiet_libraries()
@@ -187,4 +185,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    model_argument()  # model=<dir|run|hub id> -> model=hf model.pretrained=...
     main()
