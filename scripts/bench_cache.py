@@ -1,22 +1,20 @@
-"""Benchmark the KV-cache policies in one process: full vs h2o vs window (+ eager-scoring H2O).
+"""Decode speed and memory of the KV-cache policies against plain transformers, in one process.
 
-For each context length: prefill time and peak memory, decode tokens/s, KV bytes held, and the
-H2O bookkeeping share of a decode step; then ratios against the full cache (SDPA, no eviction)
-measured in the same run, on the same model and inputs.
+The baseline is plain transformers: ``attn_implementation="sdpa"`` and a ``DynamicCache``, with
+no llamahome code on its path. Ours is the same weights (shared tensors) with the hybrid
+attention and ``make_cache(policy, budget_ratio=..., min_tokens=0, seq_len=L + steps)``: the
+H2O paper's budget (a share of the sequence, fixed once), no floor, so the policy is measured.
 
-    python scripts/bench_cache.py --quick            # 1k and 4k context, a few minutes on 2 cores
-    python scripts/bench_cache.py                    # 1k, 2k, 4k, 8k
-    python scripts/bench_cache.py --models smollm2 --pretrained   # embedded SmolLM2 weights
+For each context length L and policy: both prefill L tokens (peak RSS above the start level),
+then their decode steps are *interleaved* one by one (1 torch thread), so load on a shared
+machine hits both alike; tok/s = 1 / median step time (thread CPU time by default: robust to
+other processes; ``--clock wall`` for wall time). Printed: decode tok/s ratio (ours / plain),
+KV bytes ratio (held / plain), prefill peak ratio, and the eviction share of a decode step
+(time in ``EvictingLayer.finish``; "scores" is the h2o scoring, ``add_decode_scores``).
 
-Models (random init: speed and memory do not depend on the weights): ``smollm2``, the
-SmolLM2-135M architecture (30 layers, 9 query / 3 KV heads, hidden 576), and ``mha42m``, a
-42M-parameter Llama-2-style multi-head model (8 layers, 8 heads, hidden 512). "h2o-eager" is the
-llama-recipes / original-H2O approach: eager attention whose L x L probability matrix gives the
-scores, hence O(L^2) prefill memory.
-
-Peak memory is the process RSS above the level before the prefill, sampled every 0.2 ms by a
-thread; during the prefill glibc mmaps every block >= 1 MiB so freed tensors leave the RSS at
-once (and goes back to heap allocation for the timed decode steps).
+    python scripts/bench_cache.py --quick        # 256, 1k, 4k; full and h2o; ~3 min on 1 core
+    python scripts/bench_cache.py                # + window, sink and every registered policy
+    python scripts/bench_cache.py --pretrained   # the embedded SmolLM2 weights (else random)
 """
 
 from __future__ import annotations
@@ -24,13 +22,12 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import os
 import statistics
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -42,12 +39,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
 def malloc_for_measuring(on: bool) -> None:
-    """glibc: while measuring, mmap every block >= 1 MiB so a freed tensor leaves the RSS at once.
-
-    Outside measurements, big blocks come from the heap again: per-step mmap/munmap (and its page
-    faults) would otherwise tax whichever policy allocates most per decode step, i.e. the
-    full cache's torch.cat, and skew the speed comparison.
-    """
+    """glibc: while measuring a prefill, mmap blocks >= 1 MiB so freed tensors leave the RSS."""
     if _LIBC is None:
         return
     _LIBC.mallopt(M_MMAP_THRESHOLD, (1 << 20) if on else (32 << 20))
@@ -55,11 +47,11 @@ def malloc_for_measuring(on: bool) -> None:
     _LIBC.malloc_trim(0)
 
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from llamahome.kvcache import attention as attn  # noqa: E402
 from llamahome.kvcache import layers as cache_layers  # noqa: E402
-from llamahome.kvcache.spec import full_kv_bytes, kv_bytes, make_cache  # noqa: E402
+from llamahome.kvcache.spec import POLICIES, kv_bytes, make_cache  # noqa: E402
 
 MODELS = {
     # SmolLM2-135M: GQA with 3 KV heads, so its KV cache is small next to its weights.
@@ -125,202 +117,163 @@ class PeakRSS:
         return (self.peak - self.base) / 2**20
 
 
-class Stopwatch:
-    """Accumulates the time spent inside wrapped functions (the H2O bookkeeping)."""
+class Timer:
+    """Accumulates the time spent inside a wrapped method (for the shares of a step)."""
 
-    def __init__(self) -> None:
-        self.seconds = 0.0
+    def __init__(self, clock) -> None:
+        self.clock, self.seconds = clock, 0.0
 
-    def wrap(self, fn):
+    def wrap(self, owner, name: str):
+        orig = getattr(owner, name)
+
         def timed(*a, **k):
-            t = time.perf_counter()
+            t = self.clock()
             try:
-                return fn(*a, **k)
+                return orig(*a, **k)
             finally:
-                self.seconds += time.perf_counter() - t
+                self.seconds += self.clock() - t
 
-        return timed
+        setattr(owner, name, timed)
+        return lambda: setattr(owner, name, orig)
 
 
 @dataclass
 class Row:
-    model: str
     policy: str
     length: int
-    prefill_s: float = 0.0
-    prefill_peak_mib: float = 0.0
-    decode_tok_s: float = 0.0
-    kv_mib: float = 0.0
-    full_kv_mib: float = 0.0
-    evict_share: float | None = None
-    score_share: float | None = None
-    note: str = ""
-    extra: dict = field(default_factory=dict)
+    base_tok_s: float
+    tok_s: float
+    kv_ratio: float
+    peak_ratio: float
+    evict_share: float | None
+    score_share: float | None
 
 
-def run_policy(model, tag: str, policy: str, length: int, steps: int, budget: float) -> Row:
-    row = Row(tag, policy, length)
-    impl = attn.HYBRID_EAGER_ATTENTION if policy == "h2o-eager" else attn.HYBRID_ATTENTION
-    attn.enable_hybrid_attention(model, impl)
-    name = "h2o" if policy == "h2o-eager" else policy
-    cache = (
-        make_cache(name, model.config)
-        if name == "full"
-        else make_cache(name, model.config, budget_ratio=budget)
-    )
+def prefill(model, ids, cache):
+    """Prefill with the peak RSS measured; returns the next token and the peak in bytes."""
+    with torch.no_grad(), PeakRSS() as mem:
+        out = model(ids, cache=cache, logits_to_keep=1)
+    return out.logits[:, -1:].argmax(-1), max(1, mem.peak - mem.base)
+
+
+def bench_pair(base, ours, policy, length, steps, budget, clock) -> Row:
+    """Prefill both, then interleave their decode steps; medians of the step times."""
     ids = torch.randint(
-        0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0)
+        0, base.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length)
     )
-    with torch.no_grad():
-        with PeakRSS() as mem:
-            t = time.perf_counter()
-            out = model(ids, cache=cache, logits_to_keep=1)
-            row.prefill_s = time.perf_counter() - t
-        row.prefill_peak_mib = mem.mib
-        token = out.logits[:, -1:].argmax(-1)
-        del out
-        # Time the eviction (EvictingLayer.finish) and the H2O scoring inside the decode steps.
-        evict, score = Stopwatch(), Stopwatch()
-        orig_sums, orig_finish = attn.attention_column_sums, cache_layers.EvictingLayer.finish
-        attn.attention_column_sums = score.wrap(orig_sums)
-        cache_layers.EvictingLayer.finish = evict.wrap(orig_finish)
-        times, evict_shares, score_shares = [], [], []
-        try:
-            model(token, cache=cache, logits_to_keep=1)  # warm-up step, not timed
-            for _ in range(steps):
-                evict.seconds = score.seconds = 0.0
-                t = time.perf_counter()
-                token = model(token, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
-                times.append(time.perf_counter() - t)
-                evict_shares.append(evict.seconds / times[-1])
-                score_shares.append(score.seconds / times[-1])
-        finally:
-            attn.attention_column_sums, cache_layers.EvictingLayer.finish = orig_sums, orig_finish
-    # Medians: on a shared machine single steps can stall for a second; the median cannot.
-    row.decode_tok_s = 1.0 / statistics.median(times)
-    if name != "full":
-        row.evict_share = statistics.median(evict_shares)
-        row.score_share = (
-            statistics.median(score_shares) if name == "h2o" and policy == "h2o" else None
-        )
-    row.kv_mib = kv_bytes(cache) / 2**20
-    row.full_kv_mib = full_kv_bytes(cache) / 2**20
-    del cache
-    gc.collect()
-    return row
+    plain = DynamicCache(config=base.config)
+    kw = {} if policy == "full" else {"budget_ratio": budget, "min_tokens": 0}
+    cache = make_cache(policy, ours.config, seq_len=length + steps + 2, **kw)
+    tok_b, peak_b = prefill(base, ids, plain)
+    tok_o, peak_o = prefill(ours, ids, cache)
+    evict, score = Timer(clock), Timer(clock)
+    undo = [evict.wrap(cache_layers.EvictingLayer, "finish")]
+    layer0 = cache.layers[0]
+    if hasattr(layer0, "add_decode_scores"):
+        undo.append(score.wrap(type(layer0), "add_decode_scores"))
+    times_b, times_o, ev, sc = [], [], [], []
+    try:
+        with torch.no_grad():
+            for i in range(steps + 2):
+                order = ("b", "o") if i % 2 else ("o", "b")
+                for who in order:
+                    evict.seconds = score.seconds = 0.0
+                    t = clock()
+                    if who == "b":
+                        tok_b = base(tok_b, cache=plain, logits_to_keep=1).logits[:, -1:].argmax(-1)
+                    else:
+                        tok_o = ours(tok_o, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+                    dt = clock() - t
+                    if i < 2:
+                        continue  # warm-up steps
+                    if who == "b":
+                        times_b.append(dt)
+                    else:
+                        times_o.append(dt)
+                        ev.append(evict.seconds / dt)
+                        sc.append(score.seconds / dt)
+    finally:
+        for u in undo:
+            u()
+    tb, to = statistics.median(times_b), statistics.median(times_o)
+    kv_plain = sum(layer.keys.nbytes + layer.values.nbytes for layer in plain.layers)
+    evicting = policy != "full"
+    return Row(
+        policy,
+        length,
+        1 / tb,
+        1 / to,
+        kv_bytes(cache) / kv_plain,
+        peak_o / peak_b,
+        statistics.median(ev) if evicting else None,
+        statistics.median(sc) if evicting and hasattr(layer0, "add_decode_scores") else None,
+    )
 
 
-def fmt_ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b else "-"
+def build_models(pretrained: bool):
+    """The plain SDPA model and ours, sharing the same weight tensors."""
+    torch.manual_seed(0)
+    if pretrained:
+        from llamahome import load_model
+
+        ours, _ = load_model("smollm2")
+        config = ours.config
+    else:
+        config = LlamaConfig(**MODELS["smollm2"])
+        ours = LlamaForCausalLM(config)
+    base = LlamaForCausalLM(LlamaConfig(**config.to_dict()))
+    base.load_state_dict(ours.state_dict(), assign=True)  # shared tensors, no copy
+    base.set_attn_implementation("sdpa")
+    attn.enable_hybrid_attention(ours)
+    return base.eval(), ours.eval()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="1k and 4k context, 16 decode steps")
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    p.add_argument("--steps", type=int, default=32, help="decode steps timed per run")
-    p.add_argument("--budget", type=float, default=0.2, help="budget_ratio for h2o and window")
-    p.add_argument("--policies", nargs="+", default=["full", "h2o", "window", "h2o-eager"])
-    p.add_argument("--eager-max-length", type=int, default=4096, help="skip h2o-eager above this")
-    p.add_argument("--models", nargs="+", default=["mha42m", "smollm2"], choices=list(MODELS))
-    p.add_argument("--pretrained", action="store_true", help="smollm2: the embedded weights")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--quick", action="store_true", help="256, 1k, 4k; full and h2o; 16 steps")
+    p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
+    p.add_argument("--steps", type=int, default=32, help="decode steps timed per pair")
+    p.add_argument("--budget", type=float, default=0.2, help="cache.budget_ratio")
+    p.add_argument("--policies", nargs="+", default=None, help="default: every policy")
+    p.add_argument("--pretrained", action="store_true", help="the embedded SmolLM2 weights")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     args = p.parse_args(argv)
+    policies = args.policies or (["full", "h2o"] if args.quick else list(POLICIES))
     if args.quick:
-        args.lengths, args.steps = [1024, 4096], 16
-    torch.set_num_threads(args.threads)
+        args.steps = 16
+    torch.set_num_threads(1)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    base, ours = build_models(args.pretrained)
     command = " ".join(argv if argv is not None else sys.argv[1:])
     print(f"# python scripts/bench_cache.py {command}")
     print(
-        f"# torch {torch.__version__}, {args.threads} threads, fp32, batch 1; "
-        f"budget_ratio={args.budget}; decode tok/s = 1 / median of {args.steps} steps"
+        f"# SmolLM2-135M architecture ({'embedded' if args.pretrained else 'random'} weights), "
+        f"torch {torch.__version__}, 1 thread, fp32, batch 1, budget_ratio={args.budget} of "
+        f"L + steps, min_tokens=0; {args.steps} decode steps interleaved, {args.clock} clock"
     )
-    rows: list[Row] = []
-    for tag in args.models:
-        rows += bench_model(tag, args)
-    print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in rows], f, indent=1)
-    return 0
-
-
-def bench_model(tag: str, args: argparse.Namespace) -> list[Row]:
-    torch.manual_seed(0)
-    if args.pretrained and tag == "smollm2":
-        from llamahome import load_model
-
-        model, _ = load_model("smollm2")
-        what = "SmolLM2-135M-Instruct, embedded weights"
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**MODELS[tag]))
-        what = "random init"
-    model.eval()
-    n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"## {tag}: {n_params:.0f}M parameters, {what}", flush=True)
-    rows: list[Row] = []
+    rows = []
     for length in args.lengths:
-        for policy in args.policies:
-            if policy == "h2o-eager" and length > args.eager_max_length:
-                need = 2 * model.config.num_attention_heads * length**2 * 4 / 2**30
-                rows.append(
-                    Row(tag, policy, length, note=f"skipped: ~{need:.1f} GiB of L x L per layer")
-                )
-                continue
-            row = run_policy(model, tag, policy, length, args.steps, args.budget)
+        for policy in policies:
+            row = bench_pair(base, ours, policy, length, args.steps, args.budget, clock)
             rows.append(row)
-            share = "" if row.evict_share is None else f" evict {row.evict_share:.1%}"
-            share += "" if row.score_share is None else f" scores {row.score_share:.1%}"
-            print(
-                f"  {policy:9s} L={length:5d} prefill {row.prefill_s:6.2f}s "
-                f"peak {row.prefill_peak_mib:7.0f} MiB | decode {row.decode_tok_s:6.2f} tok/s | "
-                f"KV {row.kv_mib:6.1f} / {row.full_kv_mib:6.1f} MiB{share}",
-                flush=True,
-            )
-    del model
-    gc.collect()
-    return rows
-
-
-def print_table(rows: list[Row]) -> None:
+            print(f"  L={length} {policy}: {row.tok_s / row.base_tok_s:.2f}x", flush=True)
+            gc.collect()
     print(
-        "\n| model | context | policy | prefill s | prefill peak MiB | decode tok/s | KV MiB "
-        "| KV vs full | decode vs full | prefill peak vs full | evict / step | scores / step |"
+        "\n| context | policy | plain tok/s | ours tok/s | decode vs plain | KV vs plain "
+        "| prefill peak vs plain | evict / step | scores / step |"
     )
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        full = next(
-            (r for r in rows if (r.model, r.length, r.policy) == (row.model, row.length, "full")),
-            None,
-        )
-        if row.note:
-            print(f"| {row.model} | {row.length} | {row.policy} | {row.note} |||||||||")
-            continue
-        kv = fmt_ratio(row.kv_mib, full.kv_mib) if full else "-"
-        dec = fmt_ratio(row.decode_tok_s, full.decode_tok_s) if full else "-"
-        peak = fmt_ratio(row.prefill_peak_mib, full.prefill_peak_mib) if full else "-"
-        ev = "-" if row.evict_share is None else f"{row.evict_share:.1%}"
-        sc = "-" if row.score_share is None else f"{row.score_share:.1%}"
-        print(
-            f"| {row.model} | {row.length} | {row.policy} | {row.prefill_s:.2f} "
-            f"| {row.prefill_peak_mib:.0f} "
-            f"| {row.decode_tok_s:.2f} | {row.kv_mib:.1f} | {kv} | {dec} | {peak} | {ev} | {sc} |"
-        )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        if r.policy != "h2o-eager" or r.note:
-            continue
-        ours = next(
-            (x for x in rows if (x.model, x.length, x.policy) == (r.model, r.length, "h2o")), None
+        ev = "-" if r.evict_share is None else f"{r.evict_share:.1%}"
+        sc = "-" if r.score_share is None else f"{r.score_share:.1%}"
+        print(
+            f"| {r.length} | {r.policy} | {r.base_tok_s:.1f} | {r.tok_s:.1f} "
+            f"| {r.tok_s / r.base_tok_s:.2f}x | {r.kv_ratio:.2f}x | {r.peak_ratio:.2f}x "
+            f"| {ev} | {sc} |"
         )
-        if ours:
-            print(
-                f"# {r.model} L={r.length}: eager-scoring H2O prefill peak "
-                f"{fmt_ratio(r.prefill_peak_mib, ours.prefill_peak_mib)} of ours, "
-                f"prefill time {fmt_ratio(r.prefill_s, ours.prefill_s)}"
-            )
+    return 0
 
 
 if __name__ == "__main__":

@@ -248,8 +248,14 @@ def hybrid_attention_forward(
     out, _ = sdpa_attention_forward(
         module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs
     )
-    scores = attention_column_sums(query, key, mask, scaling) if hook.needs_scores else None
-    hook.finish(scores)
+    if not hook.needs_scores:
+        hook.finish(None)
+    elif mask is None and query.shape[2] == 1 and hasattr(hook, "add_decode_scores"):
+        # A decode step over visible slots: the layer accumulates the scores in place.
+        hook.add_decode_scores(query, key, _scaling(query, scaling))
+        hook.finish(None)
+    else:
+        hook.finish(attention_column_sums(query, key, mask, scaling))
     return out, None
 
 

@@ -51,6 +51,8 @@ class Budget:
     basis: str = "sequence"
     seq_len: int | None = field(default=None, compare=False)
     length: int | None = field(default=None, compare=False)
+    # (seen, length, sizes) of the last call: every layer asks the same at each step.
+    _memo: tuple = field(default=(None, None, None), compare=False, repr=False)
 
     @property
     def is_ratio(self) -> bool:
@@ -77,8 +79,11 @@ class Budget:
 
     def sizes(self, seen: int) -> tuple[int, int, int]:
         """(sink, heavy, recent) slot counts after `seen` tokens (before the floor and the cap)."""
-        if not self.is_ratio:
+        if self.recent_ratio is None:
             return self.sink, self.heavy, self.recent
+        memo = self._memo
+        if memo[0] == seen and memo[1] == self.length:
+            return memo[2]
         basis = seen if self.basis == "running" or self.length is None else self.length
         # Floor of the *summed* ratio (as the H2O code's int()), so 0.5 + 0.5 keeps everything;
         # the epsilon absorbs float error such as 0.7 + 0.3 * L landing just below an integer.
@@ -87,7 +92,8 @@ class Budget:
         # At least one recent slot, so a short context never ends with an empty cache.
         recent = max(1, math.floor(self.recent_ratio * basis + 1e-9) - self.sink)
         heavy = max(0, total - self.sink - recent) if self.heavy_ratio else 0
-        return self.sink, heavy, recent
+        self._memo = (seen, self.length, (self.sink, heavy, recent))
+        return self._memo[2]
 
     def total(self, seen: int) -> int:
         """Slots kept after `seen` tokens: the budget, at least the floor, at most `seen`."""

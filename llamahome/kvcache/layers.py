@@ -77,6 +77,9 @@ class EvictingLayer(DynamicLayer):
     is_sliding = False  # transformers must size masks from us like a full-attention layer
     is_croppable = False  # evicted tokens cannot come back
     is_compileable = False
+    # The policy's new-slot bookkeeping for one all-valid decode token is just pos (+ score,
+    # pin), which the fast decode step writes directly (policies with more set this False).
+    fast_meta = False
 
     def __init__(self, budget: Budget, inv_freq: torch.Tensor | None = None, **kwargs: Any) -> None:
         """Create an empty layer.
@@ -99,13 +102,35 @@ class EvictingLayer(DynamicLayer):
         self._all_valid = True
         self._pinning = False  # inside a `pinned(cache)` block: new tokens are never evicted
         self._pinned = 0  # pinned slots held (equal for every row and head)
+        # Flat index (row, head) of the slot evicted by the last decode step, or None. Slots
+        # [0, n] are then in use, one of them dead per row and head: the next decode token is
+        # written straight into it, so a decode step moves no slot (see `_compact`).
+        self._dead: torch.Tensor | None = None
+        self._slot: torch.Tensor | None = None  # where this step's token went (fast path)
+        self._fv: dict[str, Any] | None = None  # reusable views of the buffers (`_views`)
+
+    def _live(self, name: str) -> torch.Tensor | None:
+        """Return the live slots of buffer `name` (a copy while an eviction is pending)."""
+        buf = self._state.get(name)
+        if buf is None:
+            return None
+        if self._dead is None:
+            return buf[:, :, : self._n]
+        # A pending eviction: gather the live slots, leaving the layout as it is (reading the
+        # cache must not change where the next token goes, nor the numerics that follow).
+        bsz, kv_heads, n = buf.shape[0], buf.shape[1], self._n
+        dead = (self._dead - self._slot_base()).view(bsz, kv_heads, 1)
+        slots = torch.arange(n + 1, device=buf.device).expand(bsz, kv_heads, n + 1)
+        index = slots[slots != dead].view(bsz, kv_heads, n)
+        if buf.dim() == 4:
+            index = index[..., None].expand(-1, -1, -1, buf.shape[-1])
+        return buf[:, :, : n + 1].gather(2, index)
 
     # ---- what transformers reads -------------------------------------------------------
     @property
     def keys(self) -> torch.Tensor | None:  # type: ignore[override]
         """Kept keys, (batch, kv_heads, kept, head_dim)."""
-        buf = self._state.get("keys")
-        return None if buf is None else buf[:, :, : self._n]
+        return self._live("keys")
 
     @keys.setter
     def keys(self, value: torch.Tensor | None) -> None:
@@ -115,8 +140,7 @@ class EvictingLayer(DynamicLayer):
     @property
     def values(self) -> torch.Tensor | None:  # type: ignore[override]
         """Kept values, (batch, kv_heads, kept, head_dim)."""
-        buf = self._state.get("values")
-        return None if buf is None else buf[:, :, : self._n]
+        return self._live("values")
 
     @values.setter
     def values(self, value: torch.Tensor | None) -> None:
@@ -126,20 +150,17 @@ class EvictingLayer(DynamicLayer):
     @property
     def positions(self) -> torch.Tensor | None:
         """Absolute index (0 = first token seen) of each kept slot, (batch, kv_heads, kept)."""
-        buf = self._state.get("pos")
-        return None if buf is None else buf[:, :, : self._n]
+        return self._live("pos")
 
     @property
     def scores(self) -> torch.Tensor | None:
         """Accumulated attention mass of each kept slot (h2o only), (batch, kv_heads, kept)."""
-        buf = self._state.get("score")
-        return None if buf is None else buf[:, :, : self._n]
+        return self._live("score")
 
     @property
     def valid(self) -> torch.Tensor | None:
         """False where a kept slot holds padding, (batch, kv_heads, kept)."""
-        buf = self._state.get("valid")
-        return None if buf is None else buf[:, :, : self._n]
+        return self._live("valid")
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Remember device and dtype (buffers are sized on the first real update)."""
@@ -205,11 +226,26 @@ class EvictingLayer(DynamicLayer):
             self._in_buffer = False
             self._work = {"keys": key_states, "values": value_states}
             return key_states, value_states
-        self._ensure_capacity(n + q)
         self._in_buffer = True
-        self._state["keys"][:, :, n : n + q] = key_states
-        self._state["values"][:, :, n : n + q] = value_states
-        self._work = {name: buf[:, :, : n + q] for name, buf in self._state.items()}
+        state = self._state
+        if q == 1 and self._dead is not None and self.inv_freq is None:
+            # Fast decode step: the new token takes the slot the last step evicted.
+            slot, self._dead, self._slot = self._dead, None, self._dead
+            fv = self._views()
+            dim = key_states.shape[-1]
+            fv["keys_flat"].index_copy_(0, slot, key_states.reshape(-1, dim))
+            fv["values_flat"].index_copy_(0, slot, value_states.reshape(-1, dim))
+            if fv["capacity"] == n + 1:
+                # The buffers are exactly the working slots (a fixed budget): no slicing.
+                self._work = dict(fv["work"])
+                return state["keys"], state["values"]
+        else:
+            self._compact()
+            self._slot = None
+            self._ensure_capacity(n + q)
+            state["keys"][:, :, n : n + q] = key_states
+            state["values"][:, :, n : n + q] = value_states
+        self._work = {name: buf[:, :, : n + q] for name, buf in state.items()}
         return self._work["keys"], self._work["values"]
 
     def prepare(
@@ -220,12 +256,31 @@ class EvictingLayer(DynamicLayer):
         position_ids: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Record the new tokens; return query, key and the mask that fits the kept slots."""
-        bsz, kv_heads = key.shape[0], key.shape[1]
         q, n = self._q, self._n
+        slot = self._slot
+        if slot is not None and attention_mask is None and self.fast_meta:
+            # Fast decode step, no padding: the new slot's bookkeeping is a few fills.
+            fv = self._views()
+            fv["pos_flat"].index_fill_(0, slot, self._seen_before)
+            if "score_flat" in fv:
+                fv["score_flat"].index_fill_(0, slot, 0.0)
+            if "pin_flat" in fv:
+                fv["pin_flat"].index_fill_(0, slot, self._pinning)
+            return query, key, self._decode_mask(query, n + 1)
+        bsz, kv_heads = key.shape[0], key.shape[1]
         new_valid = _new_token_validity(attention_mask, q, bsz)
         if new_valid is not None and self._all_valid and not bool(new_valid.all()):
             self._all_valid = False
         meta = self._new_meta(bsz, kv_heads, q, new_valid, position_ids, key.device)
+        if slot is not None:
+            # Fast decode step: the new token sits in slot `slot` of each row and head.
+            for name, t in meta.items():
+                flat = self._state[name].view(-1)
+                if isinstance(t, torch.Tensor):
+                    flat.index_copy_(0, slot, t.reshape(-1))
+                elif not (name == "valid" and t is True and self._all_valid):
+                    flat.index_fill_(0, slot, t)
+            return query, key, self._decode_mask(query, n + 1)
         for name, t in meta.items():
             if self._in_buffer:
                 # A python scalar (the usual decode step) is a fill: one op, no temporary.
@@ -257,22 +312,60 @@ class EvictingLayer(DynamicLayer):
             else:
                 self._store(work, torch.arange(length, device=work["pos"].device), length)
         elif self._in_buffer and q == 1 and target == n:
-            # The usual decode step: one token in, one out. Move the new slot into the victim's.
-            victim = self._keep_priority(work, seen).argmin(dim=-1)  # (b, kvh)
-            index = self._slot_base() + victim.view(-1)
-            for name, buf in self._state.items():
-                if name == "valid" and self._all_valid:
-                    continue  # all True: moving True over True
-                # Buffers are contiguous: flat (b * kvh * capacity) rows. The source slots are
-                # copied out first, so nothing reads what is being written.
-                src = buf[:, :, n].clone(memory_format=torch.contiguous_format)
-                buf.view(-1, *buf.shape[3:]).index_copy_(0, index, src.view(-1, *buf.shape[3:]))
+            # The usual decode step: one token in, one out. The victim's slot is only marked
+            # dead; the next decode token overwrites it (no slot is moved).
+            victim = self._decode_victim(work, seen)  # (b, kvh)
+            self._dead = self._slot_base() + victim.view(-1)
         else:
             keep = self._keep_priority(work, seen).topk(target, dim=-1, sorted=False).indices
             self._store(work, keep.sort(dim=-1).values, target)
         if not self._all_valid:
-            self._all_valid = bool(self._state["valid"][:, :, : self._n].all())
+            # With a dead slot pending it counts too: at worst the mask is built a step longer.
+            used = self._n + (self._dead is not None)
+            self._all_valid = bool(self._state["valid"][:, :, :used].all())
         self._work = {}
+        self._slot = None
+
+    def _compact(self) -> None:
+        """Settle a pending eviction: move slot n into the dead slot, so slots [0, n) are live."""
+        dead = self._dead
+        if dead is None:
+            return
+        self._dead = None
+        n = self._n
+        for name, buf in self._state.items():
+            if name == "valid" and self._all_valid:
+                continue  # all True: moving True over True
+            # Buffers are contiguous: flat (b * kvh * capacity) rows. The source slots are
+            # copied out first, so nothing reads what is being written.
+            src = buf[:, :, n].clone(memory_format=torch.contiguous_format)
+            buf.view(-1, *buf.shape[3:]).index_copy_(0, dead, src.view(-1, *buf.shape[3:]))
+
+    def _views(self) -> dict[str, Any]:
+        """Return the buffer views a fast decode step uses (made once per allocation)."""
+        fv = self._fv
+        state = self._state
+        if fv is not None and fv["keys"] is state["keys"] and fv["n_buffers"] == len(state):
+            return fv
+        keys = state["keys"]
+        bsz, kv_heads, cap, dim = keys.shape
+        fv = {"keys": keys, "capacity": cap, "work": dict(state), "n_buffers": len(state)}
+        for name, buf in state.items():
+            fv[f"{name}_flat"] = buf.view(-1, dim) if buf.dim() == 4 else buf.view(-1)
+        fv["keys_t"] = keys.view(bsz * kv_heads, cap, dim).transpose(1, 2)
+        if "score" in state:
+            fv["score_rows"] = state["score"].view(bsz * kv_heads, 1, cap)
+        self._fv = fv
+        return fv
+
+    def _decode_mask(self, query: torch.Tensor, slots: int) -> torch.Tensor | None:
+        """Mask of a fast decode step's one query over `slots` slots: None unless padding."""
+        if self._all_valid:
+            return None
+        valid = self._state["valid"][:, :, :slots]
+        bsz, heads, kv_heads = query.shape[0], query.shape[1], valid.shape[1]
+        mask = valid[:, :, None, None, :].expand(bsz, kv_heads, heads // kv_heads, 1, slots)
+        return mask.reshape(bsz, heads, 1, slots)
 
     # ---- policy hooks ----------------------------------------------------------------------
     def _keep_priority(self, work: dict[str, torch.Tensor], seen: int) -> torch.Tensor:
@@ -287,6 +380,10 @@ class EvictingLayer(DynamicLayer):
     def priority(self, work: dict[str, torch.Tensor], seen: int) -> torch.Tensor:
         """Keep-priority of each working slot, (batch, kv_heads, slots); higher is kept."""
         raise NotImplementedError
+
+    def _decode_victim(self, work: dict[str, torch.Tensor], seen: int) -> torch.Tensor:
+        """Return the slot a one-in, one-out decode step evicts (lowest priority), (b, kvh)."""
+        return self._keep_priority(work, seen).argmin(dim=-1)
 
     def _new_meta(
         self,
@@ -338,6 +435,7 @@ class EvictingLayer(DynamicLayer):
         return max(cap, slots)
 
     def _ensure_capacity(self, slots: int) -> None:
+        self._compact()
         cap = self._state["keys"].shape[2]
         if slots <= cap:
             return
@@ -404,6 +502,7 @@ class EvictingLayer(DynamicLayer):
 
     # ---- generate() plumbing -----------------------------------------------------------------
     def _map_state(self, fn: Any) -> None:
+        self._compact()
         self._state = {name: fn(buf) for name, buf in self._state.items()}
 
     def reset(self) -> None:
@@ -412,6 +511,7 @@ class EvictingLayer(DynamicLayer):
         self._n = self.cumulative_length = 0
         self._awaiting, self._all_valid = False, True
         self._pinned = 0
+        self._dead = self._slot = None
         self.budget.reset()
         self.is_initialized = False
 
@@ -446,6 +546,7 @@ class EvictingLayer(DynamicLayer):
             raise ValueError("crop takes a negative number of tokens to remove (transformers 5.x)")
         if tokens_to_remove == 0 or self._n == 0:
             return
+        self._compact()
         new_seen = self.cumulative_length + tokens_to_remove
         keep = self._state["pos"][:, :, : self._n] < new_seen
         counts = keep.sum(dim=-1)

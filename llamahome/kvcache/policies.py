@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from llamahome.errors import CacheError
+from llamahome.kvcache.attention import attention_column_sums
 from llamahome.kvcache.budget import Budget
 from llamahome.kvcache.layers import INF, EvictingLayer, expand_heads
 
@@ -15,6 +16,7 @@ class WindowLayer(EvictingLayer):
     """The recent window only (the H2O paper's "Local" baseline)."""
 
     policy = "window"
+    fast_meta = True
 
     def priority(self, work: dict[str, torch.Tensor], seen: int) -> torch.Tensor:
         """Newest first."""
@@ -65,6 +67,48 @@ class H2OLayer(EvictingLayer):
 
     policy = "h2o"
     needs_scores = True
+    fast_meta = True
+    _ones: torch.Tensor | None = None
+
+    def add_decode_scores(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        """Add one unmasked decode query's attention to the scores, in three ops.
+
+        Equals ``attention_column_sums`` (softmax of the scaled logits, summed over each GQA
+        group) added to the accumulated scores: the logits are one batched product, the group
+        sum and the accumulation one more (``baddbmm_`` into the score buffer).
+
+        Args:
+            query: (batch, heads, 1, head_dim).
+            key: (batch, kv_heads, slots, head_dim), the working slots (a view of the buffer).
+            scaling: The logit scale.
+        """
+        if not self._in_buffer:  # a one-token prefill: nothing stored yet
+            self._work["score"] += attention_column_sums(query, key, None, scaling)
+            return
+        bsz, heads, _, dim = query.shape
+        kv_heads, slots = key.shape[1], key.shape[2]
+        groups, rows = heads // kv_heads, bsz * kv_heads
+        ones = self._ones
+        if ones is None or ones.shape != (rows, 1, groups) or ones.dtype != torch.float32:
+            ones = self._ones = torch.ones(rows, 1, groups, device=query.device)
+        fv = self._views()
+        if fv["capacity"] == slots and key.data_ptr() == fv["keys"].data_ptr():
+            keys_t, score_rows = fv["keys_t"], fv["score_rows"]  # the whole buffers
+        else:
+            keys_t = key.reshape(rows, slots, dim).transpose(1, 2)
+            score_rows = self._state["score"][:, :, :slots].view(rows, 1, slots)
+        q = query.reshape(rows, groups, dim)
+        if q.dtype != torch.float32:
+            q, keys_t = q.float(), keys_t.float()
+        logits = torch.baddbmm(ones[:1, :1, :1], q, keys_t, beta=0.0, alpha=scaling)
+        score_rows.baddbmm_(ones, torch.softmax(logits, dim=-1))
+
+    def _decode_victim(self, work: dict[str, torch.Tensor], seen: int) -> torch.Tensor:
+        """Lowest accumulated score outside the recent window (and not pinned)."""
+        if not self._all_valid or "pin" in work:
+            return super()._decode_victim(work, seen)
+        recent = self.budget.sizes(seen)[2]
+        return work["score"].masked_fill(work["pos"] >= seen - recent, INF).argmin(dim=-1)
 
     def _new_meta(self, bsz, kv_heads, q, new_valid, position_ids, device):  # noqa: D102
         meta = super()._new_meta(bsz, kv_heads, q, new_valid, position_ids, device)
