@@ -129,13 +129,9 @@ class SampleGeneration(Callback):
         for prompt, text in zip(self.prompts, rows, strict=True):
             self.samples.append({"step": step, "prompt": prompt, "completion": text})
             log.info("sample @ step %d | %s -> %s", step, prompt, text.replace("\n", " ")[:200])
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_text"):  # WandbLogger: a table of samples
-                logger.log_text(
-                    key="samples",
-                    columns=["step", "prompt", "completion"],
-                    data=[[r["step"], r["prompt"], r["completion"]] for r in self.samples],
-                )
+        from llamahome.training.run_logs import log_samples
+
+        log_samples(trainer.loggers, self.samples, step)
 
 
 class DataSummary(Callback):

@@ -134,7 +134,9 @@ def _fsync_dir(directory: Path) -> None:
 
 # ------------------------------------------------------------------------------ SIGTERM
 class PreemptionCheckpoint(Callback):
-    """Save ``last.ckpt`` when the run is terminated with SIGTERM.
+    """Save ``last.ckpt`` when the run is terminated with SIGTERM or Ctrl-C.
+
+    Ctrl-C reaches this path through ``llamahome.training.signals.stop_on_signals``.
 
     Lightning's signal connector records SIGTERM and raises ``SIGTERMException`` after the
     current batch (all ranks at the same batch under DDP), then calls ``on_exception`` on every
@@ -166,7 +168,7 @@ class PreemptionCheckpoint(Callback):
             checkpoint_callback.last_model_path = path
         trainer.save_checkpoint(path)
         rank_zero_info(
-            f"SIGTERM: saved {path} at global step {trainer.global_step}; "
+            f"Stopped by a signal: saved {path} at global step {trainer.global_step}; "
             "resume with the same hydra.run.dir and ckpt_path=last."
         )
 
