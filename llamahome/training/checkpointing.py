@@ -15,6 +15,7 @@ Three pieces, each on Lightning's own extension points:
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -48,6 +49,7 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 # ------------------------------------------------------------------------------ atomic files
@@ -95,9 +97,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             # mkstemp creates 0600; give the checkpoint the mode a plain open() would have.
             os.chmod(temp, 0o666 & ~_UMASK)
             os.replace(temp, target)
-        except BaseException:
+        except BaseException as err:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
+            if isinstance(err, OSError) and err.errno in _DISK_FULL:
+                from llamahome.errors import StorageError
+
+                raise StorageError(
+                    f"cannot write checkpoint {target}: {os.strerror(err.errno)}; the previous "
+                    f"{target.name} (if any) is intact. Free space in {target.parent} and resume "
+                    "with ckpt_path=last"
+                ) from None
             raise
         _fsync_dir(target.parent)
 
