@@ -178,3 +178,35 @@ def test_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_ckpt(
     assert not list((run / "checkpoints").glob(".last.ckpt.*.tmp"))
     assert train_steps(run) == list(range(12))  # nothing logged was lost
     assert read_run_history(run)[-1]["status"] == "failed"
+
+
+# ------------------------------------------------------------------------------ no validation
+def test_val_fraction_zero_trains_without_validation_and_still_checkpoints(
+    tmp_path, caplog
+) -> None:
+    run = tmp_path / "noval"
+    cfg = compose(
+        "train", (*TINY_TRAIN, "export=false", "~callbacks.sample_generation",
+                  "data.val_fraction=0"), run,
+    )
+    with caplog.at_level("WARNING", logger="llamahome.train"):
+        metrics = train(cfg)
+    warnings = [r for r in caplog.records if "no validation" in r.getMessage()]
+    assert len(warnings) == 1 and "data.val_fraction=0" in warnings[0].getMessage()
+    assert not [r for r in rows(run) if r.get("val/loss")]
+    assert train_steps(run) == list(range(12))
+    assert ckpt_step(run / "checkpoints" / "last.ckpt") == 12  # resume still works
+    assert metrics["val/loss_first"] != metrics["val/loss_first"]  # NaN: never validated
+
+
+def test_a_split_that_leaves_validation_empty_names_val_fraction_and_counts(tmp_path) -> None:
+    from llamahome.errors import DataError
+
+    data = tmp_path / "one.jsonl"
+    data.write_text('{"instruction": "Say hi", "input": "", "output": "hi"}\n')
+    cfg = compose(
+        "train", (*RUN, "data=alpaca", f"data.path={data}", "data.val_fraction=0.2"),
+        tmp_path / "run",
+    )
+    with pytest.raises(DataError, match=r"data.val_fraction=0.2 .*\(1 train, 0 validation\)"):
+        train(cfg)
