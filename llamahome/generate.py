@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from llamahome.errors import ConfigError
 from llamahome.utils.cli import quiet_libraries, user_errors
+from llamahome.utils.sweep import in_multirun, run_sweep_job
 from llamahome.utils.validation import build
 
 log = logging.getLogger("llamahome.generate")
@@ -44,6 +45,11 @@ def read_prompt(cfg: DictConfig) -> str:
             prompt = Path(path).expanduser().read_text(encoding="utf-8")
         except OSError as err:
             raise ConfigError(f"prompt_file={path!r} cannot be read: {err.strerror}") from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"prompt_file={path!r} is not UTF-8 text (byte {err.object[err.start]:#04x} at "
+                f"offset {err.start}); convert it, e.g. iconv -f latin1 -t utf-8"
+            ) from None
     if not str(prompt).strip():
         raise ConfigError("prompt is empty: give some text to continue")
     return str(prompt)
@@ -181,6 +187,9 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     quiet_libraries()
+    if in_multirun():  # a failing job is recorded and the sweep goes on to its summary
+        run_sweep_job(generate, cfg, None)
+        return
     with user_errors():
         generate(cfg)
 

@@ -336,7 +336,7 @@ def _load_with_clear_error(loader, where: str, spec: ModelSpec, what: str, **kwa
 def _not_found_message(spec: ModelSpec, where: str, what: str, offline: bool, err=None) -> str:
     reason = "the hub is unreachable (offline)" if offline else _first_line(err)
     return (
-        f"{spec.name}: cannot load {what} for {where!r}: {reason}; not in the local HF cache "
+        f"model {where!r}: cannot load {what}: {reason}; not in the local HF cache "
         f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}). Fix: model.pretrained=/path/to/local/dir, "
         "or download it once and set HF_HOME, or model.pretrained=null for random init."
     )
