@@ -44,7 +44,9 @@ def config_error(err: Exception) -> LlamaHomeError:
 
     key = getattr(err, "full_key", None) or "a config value"
     if isinstance(err, MissingMandatoryValue):
-        return ConfigError(f"{key} is required and has no value: give {key}=... on the command line")
+        return ConfigError(
+            f"{key} is required and has no value: give {key}=... on the command line"
+        )
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     return ConfigError(f"{key}: {first}")
 
