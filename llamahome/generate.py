@@ -65,7 +65,8 @@ def generation_kwargs(cfg: DictConfig) -> dict[str, Any]:
     if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
         raise ConfigError(f"max_new_tokens={max_new!r} must be an integer >= 1")
     kwargs: dict[str, Any] = {"max_new_tokens": max_new, "do_sample": bool(cfg.get("do_sample"))}
-    penalty = float(cfg.get("repetition_penalty") or 1.0)
+    penalty = cfg.get("repetition_penalty")
+    penalty = 1.0 if penalty is None else float(penalty)  # 0 is a value (refused), not "off"
     if penalty <= 0:
         raise ConfigError(f"repetition_penalty={penalty} must be > 0 (1.0 = off)")
     if penalty != 1.0:

@@ -51,8 +51,14 @@ def load_checkpoint_safely(path: str | Path) -> dict[str, Any]:
         mmap = zipfile.is_zipfile(file)
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        # torch's message ends with advice to set weights_only=False: never repeat it.
-        found = _first_line(err).replace("Weights only load failed. ", "")
+        # torch's message advises weights_only=False, which would run the file's code: never
+        # repeat it. Keep only the unpickler's own reason.
+        match = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(err))
+        found = match.group(1).split(". Please")[0].strip() if match else "unreadable pickle"
+        if "global" not in found.lower():  # random bytes, a text file...: not a pickle at all
+            raise ConfigError(
+                f"{where}: is not a PyTorch checkpoint ({size} bytes; {found[:80]})"
+            ) from None
         raise ConfigError(
             f"{where}: holds Python objects that safe loading (weights_only=True) refuses "
             f"({found[:160]}); it is not a LlamaHome/Lightning checkpoint. Resume only from "

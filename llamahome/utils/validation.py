@@ -79,6 +79,8 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | No
                 "e.g. `hydra.run.dir=outputs/train/runs/<time> ckpt_path=last`."
             )
         return str(path)
+    if Path(ckpt_path).is_dir():
+        raise ConfigError(f"ckpt_path={ckpt_path} is a directory; give the .ckpt file in it.")
     if not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist.")
     return str(ckpt_path)
