@@ -92,8 +92,9 @@ ROWS = [
     ("ckpt-wrong-peft", "train", ("peft=lora", "ckpt_path={files}/full.ckpt"), 2,
      "holds a full model (no LoRA adapters)"),
     ("ckpt-wrong-peft-rev", "train", ("ckpt_path={files}/lora.ckpt",), 2, "holds LoRA adapters"),
-    ("ckpt-wrong-model", "train", ("model.config.hidden_size=64", "model.config.intermediate_size=176",
-                                   "ckpt_path={files}/full.ckpt"), 2, "holds a different model"),
+    ("ckpt-wrong-model", "train",
+     ("model.config.hidden_size=64", "model.config.intermediate_size=176",
+      "ckpt_path={files}/full.ckpt"), 2, "holds a different model"),
     ("ckpt-wrong-lora-r", "train", ("peft=lora", "peft.r=4", "ckpt_path={files}/lora.ckpt"), 2,
      "holds a different model"),
     # -------------------------------------------------------------- generate
@@ -149,7 +150,7 @@ class _Opaque:
 
 
 def _entry(name: str):
-    module = importlib.import_module("llamahome.eval" if name == "evaluate" else f"llamahome.{name}")
+    module = importlib.import_module(f"llamahome.{'eval' if name == 'evaluate' else name}")
     return getattr(module, name)
 
 
@@ -200,7 +201,9 @@ def _api(name: str):
     return getattr(llamahome, name)
 
 
-@pytest.mark.parametrize(("call", "kind", "phrase"), [pytest.param(*r[1:], id=r[0]) for r in API_ROWS])
+@pytest.mark.parametrize(
+    ("call", "kind", "phrase"), [pytest.param(*r[1:], id=r[0]) for r in API_ROWS]
+)
 def test_api_misuse_raises_a_named_llamahome_error(call, kind, phrase) -> None:
     from llamahome.errors import LlamaHomeError
 
@@ -225,7 +228,9 @@ CLI_ROWS = [
 ]
 
 
-@pytest.mark.parametrize(("args", "code", "phrase"), [pytest.param(*r[1:], id=r[0]) for r in CLI_ROWS])
+@pytest.mark.parametrize(
+    ("args", "code", "phrase"), [pytest.param(*r[1:], id=r[0]) for r in CLI_ROWS]
+)
 def test_cli_bad_input_is_one_clear_line(args, code, phrase, tmp_path) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
