@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from llamahome.evaluation.runner import describe_budget, identical_row, job_overrides, print_row
 from llamahome.utils.cli import quiet_libraries, user_errors
 from llamahome.utils.sweep import in_multirun, run_sweep_job
-from llamahome.utils.validation import build
+from llamahome.utils.validation import build, check_cache_config
 
 log = logging.getLogger("llamahome.eval")
 
@@ -78,6 +78,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from llamahome.evaluation.results import config_hash, write_rows
 
     start = time.perf_counter()
+    check_cache_config(cfg)
     cache_spec = build(cfg, "cache")
     task = build(cfg, "task")
     spec = model_spec(cfg)

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from llamahome.errors import ConfigError
 from llamahome.utils.cli import quiet_libraries, user_errors
 from llamahome.utils.sweep import in_multirun, run_sweep_job
-from llamahome.utils.validation import build
+from llamahome.utils.validation import build, check_cache_config
 
 log = logging.getLogger("llamahome.generate")
 
@@ -125,6 +125,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         The text and the summary figures (prompt_tokens, new_tokens, seconds, tok_s,
         kv_bytes, full_kv_bytes, policy).
     """
+    check_cache_config(cfg)
     cache_spec = build(cfg, "cache")
     model_spec = build(cfg, "model")
     prompt = read_prompt(cfg)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from llamahome.utils.cli import is_rank_zero, quiet_libraries, user_errors
 from llamahome.utils.sweep import in_multirun, run_sweep_job
 from llamahome.utils.tracking import finish_run, redacted_config
-from llamahome.utils.validation import build
+from llamahome.utils.validation import build, check_cache_config
 
 log = logging.getLogger("llamahome.train")
 
@@ -103,6 +103,7 @@ def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dic
     if in_multirun():
         check_launchable(cfg)
     model_spec = build(cfg, "model")
+    check_cache_config(cfg)
     cache_spec = build(cfg, "cache")
     finetuning = build(cfg, "peft")
     # QLoRA without a GPU, fp16 AMP on CPU, bad levers: fail now; the 4-bit config if qlora.

@@ -38,3 +38,22 @@ def error_message(err: BaseException) -> str:
     """The last line of an exception's message (where wrapped library errors say what failed)."""
     lines = str(err).strip().splitlines()
     return lines[-1] if lines else type(err).__name__
+
+
+def check_cache_config(cfg: DictConfig) -> None:
+    """Refuse H2O ratios that together keep more than the whole sequence.
+
+    ``cache.budget_ratio`` above 1 is refused by the cache spec; its two halves given separately
+    (``heavy_ratio + recent_ratio``) must obey the same bound.
+
+    Raises:
+        ConfigError: Naming both keys and their sum.
+    """
+    heavy = OmegaConf.select(cfg, "cache.heavy_ratio")
+    recent = OmegaConf.select(cfg, "cache.recent_ratio")
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (heavy, recent))
+    if numbers and heavy + recent > 1:
+        raise ConfigError(
+            f"cache.heavy_ratio={heavy} + cache.recent_ratio={recent} = {heavy + recent:g} keeps "
+            "more than the whole sequence: the two must sum to at most 1 (e.g. 0.1 + 0.1)."
+        )
