@@ -154,6 +154,12 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         gen_kwargs["pad_token_id"] = tokenizer.eos_token_id  # silences generate()'s warning
     prompt_tokens = int(inputs["input_ids"].shape[1])
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and prompt_tokens > context:  # RoPE past its trained range: garbage, not an error
+        raise ConfigError(
+            f"the prompt is {prompt_tokens} tokens but model={model_spec.name} was trained on "
+            f"{context} (max_position_embeddings): shorten the prompt or prompt_file"
+        )
 
     start = time.perf_counter()
     with torch.no_grad():

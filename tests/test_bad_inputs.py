@@ -109,6 +109,11 @@ ROWS = [
      "is not UTF-8"),
     ("gen-chat-template-bad", "generate", ("chat_template=maybe",), 2, "chat_template"),
     ("gen-h2o-budget", "generate", ("cache.budget_ratio=1.5",), 2, "budget_ratio"),
+    ("gen-h2o-ratios-sum", "generate", ("cache.heavy_ratio=0.7", "cache.recent_ratio=0.6"), 2,
+     "must sum to at most 1"),
+    ("gen-prompt-too-long", "generate", ("model.config.max_position_embeddings=16",
+                                         "prompt='" + "word " * 40 + "'"), 2,
+     "max_position_embeddings"),
     # -------------------------------------------------------------- eval
     ("eval-model-path-missing", "evaluate", ("model=tiny", "model_path=/no/such/export"), 2,
      "/no/such/export"),
