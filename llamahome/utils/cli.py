@@ -30,6 +30,12 @@ def user_errors() -> Iterator[None]:
             err = config_error(err)
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        # Ctrl-C outside training (loading, generating): nothing to save, no traceback.
+        if os.environ.get("LLAMAHOME_DEBUG"):
+            raise
+        print("Interrupted (Ctrl-C).", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 def config_error(err: Exception) -> LlamaHomeError:
