@@ -50,3 +50,24 @@ def test_short_run_logs_loss_lr_flops_mfu_hparams_and_samples(tmp_path, caplog) 
     text = events.Tensors("samples/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "What does the `with` statement do?" in text
     assert (Path(run) / "hparams.yaml").is_file()
+
+
+def test_csv_logger_appends_across_restarts_and_widens_the_header(tmp_path) -> None:
+    from llamahome.training.run_logs import AppendingCSVLogger
+
+    first = AppendingCSVLogger(save_dir=str(tmp_path), name="", version="")
+    first.log_metrics({"train/loss": 2.0}, step=0)
+    first.log_metrics({"train/loss": 1.5}, step=1)
+    first.save()
+    # A resumed run: a new logger on the same dir, with a metric the first run never logged.
+    second = AppendingCSVLogger(save_dir=str(tmp_path), name="", version="")
+    second.log_metrics({"train/loss": 1.0, "val/loss": 1.2}, step=2)
+    second.save()
+    second.log_metrics({"train/loss": 0.9}, step=3)
+    second.save()
+    with open(tmp_path / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [r["step"] for r in rows] == ["0", "1", "2", "3"]
+    assert [r["train/loss"] for r in rows] == ["2.0", "1.5", "1.0", "0.9"]
+    assert [r["val/loss"] for r in rows] == ["", "", "1.2", ""]
+    assert not list(tmp_path.glob("*.tmp"))
