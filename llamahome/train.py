@@ -142,11 +142,11 @@ def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dic
     _remember_wandb_runs(loggers)
 
     first_val = None
-    if cfg.get("validate_before_fit") and ckpt_path is None and not trainer.fast_dev_run:
-        results = trainer.validate(lit, datamodule=datamodule, verbose=False)
-        first_val = results[0].get("val/loss") if results else None
     # SIGTERM or Ctrl-C: last.ckpt at the next batch boundary, exit 143 or 130.
     with stop_on_signals(trainer):
+        if cfg.get("validate_before_fit") and ckpt_path is None and not trainer.fast_dev_run:
+            results = trainer.validate(lit, datamodule=datamodule, verbose=False)
+            first_val = results[0].get("val/loss") if results else None
         trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
     if status is not None:
         status["global_step"] = trainer.global_step
