@@ -130,7 +130,8 @@ def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dic
         compile=cfg.get("compile", False),
     )
 
-    if ckpt_path is not None:  # one clear line for a wrong, damaged or foreign checkpoint
+    if ckpt_path is not None and Path(ckpt_path).is_file():  # sharded dirs: Lightning checks
+        # One clear line for a wrong, damaged or foreign checkpoint.
         run = f"model={model_spec.name}, {'LoRA' if lit.is_peft else 'no adapters'}"
         check_checkpoint(ckpt_path, expected_state(lit), run)
 

@@ -76,7 +76,12 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | No
             )
         return str(path)
     if Path(ckpt_path).is_dir():
-        raise ConfigError(f"ckpt_path={ckpt_path} is a directory; give the .ckpt file in it.")
+        if (Path(ckpt_path) / ".metadata").is_file():  # FSDP state_dict_type=sharded
+            return str(ckpt_path)
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} is a directory but not a sharded checkpoint (no .metadata); "
+            "give the .ckpt file in it."
+        )
     if not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist.")
     return str(ckpt_path)
