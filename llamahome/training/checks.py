@@ -120,6 +120,9 @@ def check_finetuning(cfg: Any, method: Any) -> Any:
     if clip is not None and not (isinstance(clip, int | float) and clip >= 0):
         raise ConfigError(f"trainer.gradient_clip_val must be >= 0 or null, got {clip!r}.")
     compile_backend(cfg.get("compile", False))
+    rank = getattr(method, "r", None)  # peft fails on r=0 only once the model is wrapped
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ConfigError(f"peft.r must be a positive integer, got {rank!r}.")
     if not isinstance(method, QLoRA):
         return None
     model = cfg.get("model") or {}

@@ -41,14 +41,18 @@ def error_message(err: BaseException) -> str:
 
 
 def check_cache_config(cfg: DictConfig) -> None:
-    """Refuse H2O ratios that together keep more than the whole sequence.
+    """Refuse a non-integer ``seed`` and H2O ratios that keep more than the whole sequence.
 
     ``cache.budget_ratio`` above 1 is refused by the cache spec; its two halves given separately
-    (``heavy_ratio + recent_ratio``) must obey the same bound.
+    (``heavy_ratio + recent_ratio``) must obey the same bound. The seed is checked here because
+    every entry point that builds a cache also seeds.
 
     Raises:
-        ConfigError: Naming both keys and their sum.
+        ConfigError: Naming the key(s) and the value.
     """
+    seed = cfg.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError(f"seed must be an integer, got {seed!r}.")
     heavy = OmegaConf.select(cfg, "cache.heavy_ratio")
     recent = OmegaConf.select(cfg, "cache.recent_ratio")
     numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (heavy, recent))
