@@ -80,10 +80,14 @@ class ModelSpec:
         """The ``LlamaConfig`` for random initialisation (also used for meta-device shapes)."""
         from transformers import LlamaConfig
 
+        from huggingface_hub.errors import StrictDataclassError
+
         try:
             return LlamaConfig(**{**self.config, **extra})
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"model.config is not a valid LlamaConfig: {err}") from err
+        except (TypeError, ValueError, StrictDataclassError) as err:
+            # transformers' validators raise StrictDataclassError (not a ValueError), multi-line.
+            reason = " ".join(str(err).split())
+            raise ConfigError(f"model.config is not a valid LlamaConfig: {reason[:300]}") from err
 
 
 def resolve_spec(source: str | ModelSpec | Any, **overrides: Any) -> ModelSpec:

@@ -54,6 +54,10 @@ def check_optimizer(cfg: DictConfig) -> None:
 def check_trainer(cfg: DictConfig) -> None:
     """The few Trainer values that must be sane before a long model load."""
     trainer = cfg.trainer
+    for key in ("max_steps", "max_epochs", "log_every_n_steps"):
+        value = trainer.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"trainer.{key} must be an integer, got {value!r}.")
     if trainer.get("max_steps", -1) in (0,) or (
         trainer.get("max_steps", -1) < 0 and trainer.get("max_epochs", -1) in (None, -1, 0)
     ):
