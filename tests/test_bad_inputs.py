@@ -199,6 +199,13 @@ def _tiny_config():
 
 API_ROWS = [
     ("load-model-unknown-id", lambda: _api("load_model")("no/such"), "ModelError", "'no/such'"),
+    ("load-model-int", lambda: _api("load_model")(123), "ConfigError", "got int"),
+    ("load-model-unknown-option", lambda: _api("load_model")("tiny", bogus=1), "ConfigError",
+     "bogus"),
+    ("make-cache-ratio-str", lambda: _api("make_cache")("h2o", _tiny_config(), heavy_ratio="x"),
+     "CacheError", "cache.heavy_ratio='x'"),
+    ("make-cache-policy-none", lambda: _api("make_cache")(None, _tiny_config()), "CacheError",
+     "cache.policy=None"),
     ("make-cache-unknown-policy", lambda: _api("make_cache")("lru", _tiny_config()),
      "CacheError", "lru"),
     ("make-cache-unknown-key", lambda: _api("make_cache")("h2o", _tiny_config(), bogus=1),

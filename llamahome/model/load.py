@@ -110,7 +110,15 @@ def resolve_spec(source: str | ModelSpec | Any, **overrides: Any) -> ModelSpec:
     elif isinstance(source, str):
         spec = ModelSpec(name=Path(source).name or source, pretrained=source, hub_id=None)
     else:  # a mapping (dict or DictConfig) of ModelSpec fields
-        from omegaconf import OmegaConf
+        from collections.abc import Mapping
+
+        from omegaconf import DictConfig, OmegaConf
+
+        if not isinstance(source, Mapping | DictConfig):
+            raise ConfigError(
+                f"load_model: expected a model name (smollm2, tiny...), a directory, a hub id, "
+                f"a mapping or a ModelSpec, got {type(source).__name__} {source!r:.40}."
+            )
 
         fields = OmegaConf.to_container(source, resolve=True) if not isinstance(source, dict) else source
         fields = {k: v for k, v in dict(fields).items() if k != "_target_"}
