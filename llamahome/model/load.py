@@ -78,9 +78,8 @@ class ModelSpec:
 
     def llama_config(self, **extra: Any):
         """The ``LlamaConfig`` for random initialisation (also used for meta-device shapes)."""
-        from transformers import LlamaConfig
-
         from huggingface_hub.errors import StrictDataclassError
+        from transformers import LlamaConfig
 
         try:
             return LlamaConfig(**{**self.config, **extra})
