@@ -1,14 +1,16 @@
 """Generate text with a KV-cache policy: ``python -m llamahome.generate prompt="..."``.
 
 Defaults: the embedded SmolLM2-135M-Instruct (``model=smollm2``), its chat template, the H2O
-cache at the paper's 20% budget (``cache=h2o``), greedy decoding, tokens streamed to stdout and a
-closing summary line::
+cache at the paper's 20% budget of prompt + answer (``cache=h2o``) above a floor of
+``cache.min_tokens`` (1024) tokens below which nothing is evicted, so a short prompt gets exactly
+the full cache's answer; greedy decoding, tokens streamed to stdout and a closing summary line::
 
     [generate] prompt 31 tokens | new 128 tokens | 3.2 s, 40.0 tok/s |
         KV 0.64 MiB held vs 3.51 MiB full (18%) | cache=h2o     (one line)
 
 Everything is a Hydra override: ``cache=full``, ``cache.budget_ratio=0.1``,
-``prompt_file=notes.txt``, ``do_sample=true temperature=0.8``, ``max_new_tokens=256``.
+``prompt_file=notes.txt``, ``do_sample=true temperature=0.8``, ``max_new_tokens=256``, and
+``model=`` takes a conf name, a Hugging Face directory, a train run (or its export/) or a hub id.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import hydra
 from omegaconf import DictConfig
 
 from llamahome.errors import ConfigError
-from llamahome.utils.cli import quiet_libraries, user_errors
+from llamahome.utils.cli import model_argument, quiet_libraries, user_errors
 from llamahome.utils.sweep import in_multirun, run_sweep_job
-from llamahome.utils.validation import build, check_cache_config
+from llamahome.utils.validation import build, check_seed
 
 log = logging.getLogger("llamahome.generate")
 
@@ -47,40 +49,23 @@ def read_prompt(cfg: DictConfig) -> str:
             raise ConfigError(f"prompt_file={path!r} cannot be read: {err.strerror}") from err
         except UnicodeDecodeError as err:
             raise ConfigError(
-                f"prompt_file={path!r} is not UTF-8 text (byte {err.object[err.start]:#04x} at "
-                f"offset {err.start}); convert it, e.g. iconv -f latin1 -t utf-8"
-            ) from None
+                f"prompt_file={path!r} is not UTF-8 text (byte {err.start}: {err.reason}): "
+                "save it as UTF-8."
+            ) from err
     if not str(prompt).strip():
         raise ConfigError("prompt is empty: give some text to continue")
     return str(prompt)
 
 
 def generation_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """``model.generate`` keyword arguments from the sampling keys, validated.
+    """``model.generate`` keyword arguments from the config's sampling keys, validated.
 
     Raises:
         ConfigError: Naming the first key out of range.
     """
-    max_new = cfg.get("max_new_tokens")
-    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
-        raise ConfigError(f"max_new_tokens={max_new!r} must be an integer >= 1")
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new, "do_sample": bool(cfg.get("do_sample"))}
-    penalty = cfg.get("repetition_penalty")
-    penalty = 1.0 if penalty is None else float(penalty)  # 0 is a value (refused), not "off"
-    if penalty <= 0:
-        raise ConfigError(f"repetition_penalty={penalty} must be > 0 (1.0 = off)")
-    if penalty != 1.0:
-        kwargs["repetition_penalty"] = penalty
-    if kwargs["do_sample"]:
-        temperature, top_p, top_k = cfg.get("temperature"), cfg.get("top_p"), cfg.get("top_k")
-        if temperature is None or temperature <= 0:
-            raise ConfigError(f"temperature={temperature!r} must be > 0 when do_sample=true")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ConfigError(f"top_p={top_p!r} must be in (0, 1]")
-        if top_k is not None and top_k < 0:
-            raise ConfigError(f"top_k={top_k!r} must be >= 0 (0 = off)")
-        kwargs.update(temperature=float(temperature), top_p=top_p, top_k=top_k)
-    return kwargs
+    from llamahome.model.generation import SAMPLING_KEYS, sampling_kwargs
+
+    return sampling_kwargs(**{key: cfg.get(key) for key in SAMPLING_KEYS})
 
 
 def check_chat_template(value: Any) -> None:
@@ -125,7 +110,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         The text and the summary figures (prompt_tokens, new_tokens, seconds, tok_s,
         kv_bytes, full_kv_bytes, policy).
     """
-    check_cache_config(cfg)
+    check_seed(cfg)
     cache_spec = build(cfg, "cache")
     model_spec = build(cfg, "model")
     prompt = read_prompt(cfg)
@@ -140,6 +125,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     from transformers import TextStreamer
 
     from llamahome.kvcache.spec import full_kv_bytes, kv_bytes
+    from llamahome.model.context import fit_new_tokens
     from llamahome.model.load import load_model
 
     torch.manual_seed(int(cfg.get("seed") or 0))
@@ -147,19 +133,20 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     model.eval()
     inputs = encode(tokenizer, prompt, cfg.get("chat_template", "auto"), cfg.get("system_prompt"))
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    cache = cache_spec.build(model.config)
+    prompt_tokens = int(inputs["input_ids"].shape[1])
+    what = f"prompt_file={cfg.prompt_file}" if cfg.get("prompt_file") else "prompt"
+    max_new = fit_new_tokens(prompt_tokens, gen_kwargs["max_new_tokens"], model.config, what)
+    if max_new < gen_kwargs["max_new_tokens"]:
+        log.warning("max_new_tokens capped at %d: prompt + answer must fit the context", max_new)
+        gen_kwargs["max_new_tokens"] = max_new
+    # Ratio budgets are shares of the whole sequence; the floor (cache.min_tokens) keeps a short
+    # prompt + answer unevicted, so the default cache never changes a short answer.
+    cache = cache_spec.build(model.config, seq_len=prompt_tokens + max_new)
     streamer = (
         TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if cfg.stream else None
     )
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         gen_kwargs["pad_token_id"] = tokenizer.eos_token_id  # silences generate()'s warning
-    prompt_tokens = int(inputs["input_ids"].shape[1])
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context and prompt_tokens > context:  # RoPE past its trained range: garbage, not an error
-        raise ConfigError(
-            f"the prompt is {prompt_tokens} tokens but model={model_spec.name} was trained on "
-            f"{context} (max_position_embeddings): shorten the prompt or prompt_file"
-        )
 
     start = time.perf_counter()
     with torch.no_grad():
@@ -203,4 +190,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    model_argument()  # model=<dir|run|hub id> -> model=hf model.pretrained=...
     main()

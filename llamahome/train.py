@@ -15,10 +15,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from llamahome.utils.cli import is_rank_zero, quiet_libraries, user_errors
+from llamahome.utils.cli import is_rank_zero, model_argument, quiet_libraries, user_errors
 from llamahome.utils.sweep import in_multirun, run_sweep_job
 from llamahome.utils.tracking import finish_run, redacted_config
-from llamahome.utils.validation import build, check_cache_config
+from llamahome.utils.validation import build, check_seed
 
 log = logging.getLogger("llamahome.train")
 
@@ -103,7 +103,7 @@ def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dic
     if in_multirun():
         check_launchable(cfg)
     model_spec = build(cfg, "model")
-    check_cache_config(cfg)
+    check_seed(cfg)
     cache_spec = build(cfg, "cache")
     finetuning = build(cfg, "peft")
     # QLoRA without a GPU, fp16 AMP on CPU, bad levers: fail now; the 4-bit config if qlora.
@@ -204,4 +204,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    model_argument()  # model=<dir|run|hub id> -> model=hf model.pretrained=...
     main()

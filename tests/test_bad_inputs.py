@@ -119,7 +119,7 @@ ROWS = [
     ("gen-seed-string", "generate", ("seed=abc",), 2, "seed must be an integer"),
     ("gen-h2o-budget", "generate", ("cache.budget_ratio=1.5",), 2, "budget_ratio"),
     ("gen-h2o-ratios-sum", "generate", ("cache.heavy_ratio=0.7", "cache.recent_ratio=0.6"), 2,
-     "must sum to at most 1"),
+     "cache.heavy_ratio + cache.recent_ratio"),
     ("gen-prompt-too-long", "generate", ("model.config.max_position_embeddings=16",
                                          "prompt='" + "word " * 40 + "'"), 2,
      "max_position_embeddings"),

@@ -7,6 +7,58 @@ from typing import Any
 
 import torch
 
+from llamahome.errors import ConfigError
+
+# The sampling keys of conf/generate.yaml and conf/chat.yaml (transformers generate() knobs).
+SAMPLING_KEYS = (
+    "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty"
+)
+
+
+def sampling_kwargs(
+    max_new_tokens: Any,
+    do_sample: Any = False,
+    temperature: Any = None,
+    top_p: Any = None,
+    top_k: Any = None,
+    repetition_penalty: Any = 1.0,
+) -> dict[str, Any]:
+    """Validate sampling settings into ``model.generate`` keyword arguments.
+
+    Args:
+        max_new_tokens: Tokens to generate (an integer >= 1).
+        do_sample: Sample (True) or decode greedily (False).
+        temperature: Softmax temperature (> 0), used when sampling.
+        top_p: Nucleus mass in (0, 1], used when sampling.
+        top_k: Top-k cut (>= 0, 0 = off), used when sampling.
+        repetition_penalty: > 0; 1.0 = off.
+
+    Returns:
+        The keyword arguments (sampling knobs only when ``do_sample``).
+
+    Raises:
+        ConfigError: Naming the first key out of range.
+    """
+    whole = isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool)
+    if not whole or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": bool(do_sample)}
+    # 0 is a value (refused below), not "off": only None means the default.
+    penalty = 1.0 if repetition_penalty is None else float(repetition_penalty)
+    if penalty <= 0:
+        raise ConfigError(f"repetition_penalty={penalty} must be > 0 (1.0 = off)")
+    if penalty != 1.0:
+        kwargs["repetition_penalty"] = penalty
+    if kwargs["do_sample"]:
+        if temperature is None or temperature <= 0:
+            raise ConfigError(f"temperature={temperature!r} must be > 0 when do_sample=true")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ConfigError(f"top_p={top_p!r} must be in (0, 1]")
+        if top_k is not None and top_k < 0:
+            raise ConfigError(f"top_k={top_k!r} must be >= 0 (0 = off)")
+        kwargs.update(temperature=float(temperature), top_p=top_p, top_k=top_k)
+    return kwargs
+
 
 def format_prompts(tokenizer, prompts: Sequence[str], chat: bool = True) -> list[str]:
     """Apply the tokenizer's chat template (instruct models) or return the prompts as they are."""
@@ -61,7 +113,9 @@ def generate_text(
         device = next(model.parameters()).device
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
         if cache_spec is not None:
-            generate_kwargs[cache_kwarg()] = cache_spec.build(model.config)
+            # Ratio budgets are shares of the whole sequence: prompt + new tokens (H2O paper).
+            seq_len = int(enc["input_ids"].shape[1]) + max_new_tokens
+            generate_kwargs[cache_kwarg()] = cache_spec.build(model.config, seq_len=seq_len)
         generate_kwargs.setdefault("do_sample", False)
         out = model.generate(
             **enc,

@@ -1,8 +1,9 @@
 """Build a Llama from a config or load pretrained weights, with one clear error when that fails.
 
-`load_model` is the single way every entry point (train, eval, generate) and every notebook gets a
-model and its tokenizer. A source is a config name from ``conf/model/`` ("smollm2", "tiny",
-"llama7b", ...), a local Hugging Face directory, a hub id, or a :class:`ModelSpec`.
+`load_model` is the single way every entry point (train, eval, generate, chat, serve) and every
+notebook gets a model and its tokenizer. A source is a config name from ``conf/model/``
+("smollm2", "tiny", "llama7b", ...), a local Hugging Face directory, a train run's ``export/``
+or the run directory itself (its ``export/`` is loaded), a hub id, or a :class:`ModelSpec`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from llamahome.errors import ConfigError, ModelError
-from llamahome.utils.paths import CONF_DIR
+from llamahome.utils.paths import CONF_DIR, model_name
 
 PACKAGE_SCHEME = "pkg://"
 HYBRID = "hybrid"
@@ -47,7 +48,7 @@ class ModelSpec:
         gradient_checkpointing: Recompute activations in backward to save memory.
     """
 
-    name: str = "model"
+    name: str | None = "model"
     pretrained: str | None = None
     hub_id: str | None = None
     gguf_file: str | None = None
@@ -63,6 +64,8 @@ class ModelSpec:
     def __post_init__(self) -> None:
         """Validate values early, before anything heavy is imported or loaded."""
         self.config = dict(self.config or {})
+        if not self.name:  # conf/model/hf.yaml: the name follows the path or hub id
+            self.name = model_name(self.pretrained) if self.pretrained else "model"
         # Accept torch dtypes as transformers does (torch.bfloat16 -> "bfloat16").
         if not isinstance(self.dtype, str) and str(self.dtype).startswith("torch."):
             self.dtype = str(self.dtype).removeprefix("torch.")
@@ -107,7 +110,7 @@ def resolve_spec(source: str | ModelSpec | Any, **overrides: Any) -> ModelSpec:
     elif isinstance(source, str) and (CONF_DIR / "model" / f"{source}.yaml").is_file():
         spec = spec_from_config_name(source)
     elif isinstance(source, str):
-        spec = ModelSpec(name=Path(source).name or source, pretrained=source, hub_id=None)
+        spec = ModelSpec(name=model_name(source), pretrained=source, hub_id=None)
     else:  # a mapping (dict or DictConfig) of ModelSpec fields
         from collections.abc import Mapping
 
@@ -127,6 +130,38 @@ def resolve_spec(source: str | ModelSpec | Any, **overrides: Any) -> ModelSpec:
     if unknown:
         raise ConfigError(f"Unknown model option(s) {unknown}; known: {sorted(known)}.")
     return dataclasses.replace(spec, **overrides) if overrides else spec
+
+
+def local_model_dir(location: str) -> str:
+    """Where to load a local model from: a train run directory means its ``export/``.
+
+    Args:
+        location: A directory or hub id (returned unchanged unless it is a run directory).
+
+    Returns:
+        ``<run>/export`` for a train run directory, else ``location``.
+
+    Raises:
+        ModelError: ``location`` is a train run whose ``export/`` is missing or incomplete.
+    """
+    path = Path(location).expanduser()
+    if not path.is_dir() or (path / "config.json").is_file():
+        return location
+    export = path / "export"
+    if (export / "config.json").is_file():
+        return str(export)
+    if export.exists() or (path / ".hydra").is_dir() or (path / "checkpoints").is_dir():
+        raise ModelError(
+            f"{path} is a train run with no export yet ({export} has no config.json): let the "
+            "run finish (train writes export/ at the end, export=true), or point model= at a "
+            "Hugging Face directory."
+        )
+    return location
+
+
+def is_hf_dir(location: str | None) -> bool:
+    """Return whether ``location`` is a local directory with a ``config.json`` (HF load)."""
+    return bool(location) and (Path(str(location)).expanduser() / "config.json").is_file()
 
 
 def spec_from_config_name(name: str) -> ModelSpec:
@@ -195,7 +230,17 @@ def load_model(
 
 
 def load_tokenizer(spec: ModelSpec):
-    """Load the tokenizer the spec names (local BPE, GGUF, local dir or hub id)."""
+    """Load the tokenizer the spec names (local BPE, GGUF, local dir or hub id).
+
+    A local model directory that carries its own tokenizer (a run's export does) is loaded with
+    it, even when the spec says ``bpe``: ``model=tiny model.pretrained=<run>/export``.
+    """
+    if spec.tokenizer == "bpe" and spec.pretrained and not spec.pretrained.startswith(
+        PACKAGE_SCHEME
+    ):
+        where = local_model_dir(resolve_location(spec.pretrained, spec))
+        if is_hf_dir(where) and _has_tokenizer(Path(where)):
+            spec = dataclasses.replace(spec, tokenizer=None)
     if spec.tokenizer == "bpe":
         from llamahome.data.tokenizer import build_bpe_tokenizer
 
@@ -249,9 +294,21 @@ def build_or_load_model(spec: ModelSpec, tokenizer=None, quantization: Any = Non
 
 
 def weights_location(spec: ModelSpec) -> str:
-    """The directory or hub id to call ``from_pretrained`` on (GGUF sources are converted)."""
-    where = resolve_location(spec.pretrained, spec)
-    return converted_gguf_dir(where, spec) if spec.gguf_file else where
+    """Return the directory or hub id to call ``from_pretrained`` on.
+
+    A train run directory means its ``export/``. GGUF sources are converted once; a local
+    Hugging Face directory is loaded as it is even when the spec names a GGUF file
+    (``model=smollm2 model.pretrained=<run>/export``: the export has no GGUF).
+    """
+    where = local_model_dir(resolve_location(spec.pretrained, spec))
+    if spec.gguf_file and not is_hf_dir(where):
+        return converted_gguf_dir(where, spec)
+    if Path(where).is_dir() and not is_hf_dir(where):
+        raise ModelError(
+            f"{where} has no config.json, so it is not a Hugging Face model directory: give a "
+            "directory with config.json + weights + tokenizer, a train run, or its export/."
+        )
+    return where
 
 
 def converted_gguf_dir(where: str, spec: ModelSpec) -> str:
@@ -398,6 +455,10 @@ def resolve_location(location: str | None, spec: ModelSpec) -> str:
     return os.path.expanduser(location)
 
 
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+
+
 def _hub_kwargs(spec: ModelSpec) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
     if spec.revision:
@@ -434,11 +495,13 @@ def _load_with_clear_error(loader, where: str, spec: ModelSpec, what: str, **kwa
 
 
 def _not_found_message(spec: ModelSpec, where: str, what: str, offline: bool, err=None) -> str:
-    reason = "the hub is unreachable (offline)" if offline else _first_line(err)
+    reason = "no access to the hub (offline)" if offline else f"the hub said: {_first_line(err)}"
+    cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
     return (
-        f"model {where!r}: cannot load {what}: {reason}; not in the local HF cache "
-        f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}). Fix: model.pretrained=/path/to/local/dir, "
-        "or download it once and set HF_HOME, or model.pretrained=null for random init."
+        f"cannot load {what} for model {spec.name!r}: there is no local directory {where!r}, "
+        f"it is not in the local HF cache ({cache}), and {reason}. Fix: model=/path/to/hf/dir "
+        "(or a train run dir, or model.pretrained=/path), or download it once and set HF_HOME, "
+        "or model.pretrained=null for random init."
     )
 
 

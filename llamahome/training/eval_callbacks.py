@@ -11,6 +11,7 @@ The scoring itself lives in ``llamahome.evaluation`` (no Lightning there); these
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -74,6 +75,9 @@ class StreamingPerplexityCallback(Callback):
         if self._ids is None:  # tokenize once per fit
             self._ids = self.task.input_ids(pl_module.tokenizer)
         spec = pl_module.cache_spec or CacheSpec()
+        if spec.min_tokens:
+            # This measures the policy itself: no floor, or a short text is never evicted.
+            spec = dataclasses.replace(spec, min_tokens=0)
         outcome = streaming_perplexity(
             pl_module.model, self._ids, spec, min(self.task.prefix, self._ids.shape[1] - 1)
         )

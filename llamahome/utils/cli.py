@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
-from llamahome.errors import LlamaHomeError
+from llamahome.errors import ConfigError, LlamaHomeError
+from llamahome.utils.paths import CONF_DIR, model_name
 
 log = logging.getLogger("llamahome")
 
@@ -76,3 +79,65 @@ def is_rank_zero() -> bool:
         if rank is not None:
             return int(rank) == 0
     return True
+
+
+# owner/name on the hub: letters, digits, '.', '_', '-' (no spaces, one slash).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def model_argument(argv: list[str] | None = None) -> list[str]:
+    """Let ``model=`` name a directory, a train run or a hub id, not only a ``conf/model`` option.
+
+    Hydra accepts only group options for ``model=``. Each entry point calls this on
+    ``sys.argv`` before Hydra parses it: ``model=<dir|run dir|hub id>`` becomes
+    ``model=hf model.pretrained=<value> model.name=<its name>`` (``conf/model/hf.yaml``); a
+    ``conf/model`` option, a sweep list (``a,b``) and every other argument pass unchanged.
+    A value that is none of these ends the program with one ``error:`` line (exit status 2).
+
+    Args:
+        argv: The argument list to rewrite in place; ``sys.argv`` when ``None``.
+
+    Returns:
+        The rewritten list (the same object).
+    """
+    argv = sys.argv if argv is None else argv
+    with user_errors():
+        rewritten = [argv[0]] if argv else []
+        for arg in argv[1:]:
+            if arg.startswith("model=") and "," not in arg:
+                rewritten.extend(_model_overrides(arg.removeprefix("model=")))
+            else:
+                rewritten.append(arg)
+        argv[:] = rewritten
+    return argv
+
+
+def _model_overrides(value: str) -> list[str]:
+    options = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    if value in options or not value:
+        return [f"model={value}"]
+    path = Path(value).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(
+                f"model={value} is a file: give a Hugging Face model directory (config.json + "
+                "weights + tokenizer), a train run directory or its export/."
+            )
+        value = str(path.resolve())
+    elif not _HUB_ID.match(value):
+        raise ConfigError(
+            f"model={value} is not a conf/model option ({', '.join(options)}), not an existing "
+            "directory, and not a hub id (owner/name). Check the spelling or the path."
+        )
+    return [
+        "model=hf",
+        f"model.pretrained={_quote(value)}",
+        f"model.name={_quote(model_name(value))}",
+    ]
+
+
+def _quote(value: str) -> str:
+    """Quote a value for Hydra's override grammar (paths may hold '=', ',', spaces...)."""
+    if "'" not in value:
+        return f"'{value}'"
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -32,6 +32,7 @@ __all__ = [
     "atomic_write",
     "cache_root",
     "fingerprint",
+    "model_name",
 ]
 
 
@@ -167,3 +168,18 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def model_name(location: str) -> str:
+    """Return a short name for a directory or hub id: a run's ``export/`` is named after its run.
+
+    Args:
+        location: A local directory, a train run directory, or a hub id (``owner/name``).
+
+    Returns:
+        ``<run>-export`` for a run's export, the last path component otherwise.
+    """
+    path = Path(str(location).rstrip("/\\") or str(location))
+    if path.name == "export" and path.parent.name:
+        return f"{path.parent.name}-export"
+    return path.name or str(location)
