@@ -19,3 +19,7 @@ class DataError(LlamaHomeError):
 
 class CacheError(LlamaHomeError):
     """A KV-cache policy or budget is invalid (the message names the key)."""
+
+
+class StorageError(LlamaHomeError):
+    """A file could not be written (disk full, quota): the message names the file and the fix."""

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from llamahome.evaluation.runner import describe_budget, identical_row, job_overrides, print_row
 from llamahome.utils.cli import model_argument, quiet_libraries, user_errors
 from llamahome.utils.sweep import in_multirun, run_sweep_job
-from llamahome.utils.validation import build
+from llamahome.utils.validation import build, check_seed
 
 log = logging.getLogger("llamahome.eval")
 
@@ -78,6 +78,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from llamahome.evaluation.results import config_hash, write_rows
 
     start = time.perf_counter()
+    check_seed(cfg)
     cache_spec = build(cfg, "cache")
     task = build(cfg, "task")
     spec = model_spec(cfg)

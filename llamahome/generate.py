@@ -25,7 +25,8 @@ from omegaconf import DictConfig
 
 from llamahome.errors import ConfigError
 from llamahome.utils.cli import model_argument, quiet_libraries, user_errors
-from llamahome.utils.validation import build
+from llamahome.utils.sweep import in_multirun, run_sweep_job
+from llamahome.utils.validation import build, check_seed
 
 log = logging.getLogger("llamahome.generate")
 
@@ -109,6 +110,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         The text and the summary figures (prompt_tokens, new_tokens, seconds, tok_s,
         kv_bytes, full_kv_bytes, policy).
     """
+    check_seed(cfg)
     cache_spec = build(cfg, "cache")
     model_spec = build(cfg, "model")
     prompt = read_prompt(cfg)
@@ -180,6 +182,9 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     quiet_libraries()
+    if in_multirun():  # a failing job is recorded and the sweep goes on to its summary
+        run_sweep_job(generate, cfg, None)
+        return
     with user_errors():
         generate(cfg)
 

@@ -18,12 +18,46 @@ from omegaconf import DictConfig
 from llamahome.utils.cli import is_rank_zero, model_argument, quiet_libraries, user_errors
 from llamahome.utils.sweep import in_multirun, run_sweep_job
 from llamahome.utils.tracking import finish_run, redacted_config
-from llamahome.utils.validation import build
+from llamahome.utils.validation import build, check_seed
 
 log = logging.getLogger("llamahome.train")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit in a locked run dir, with the start and the outcome in ``run_history.jsonl``.
+
+    Args:
+        cfg: The composed ``conf/train.yaml``.
+
+    Returns:
+        The metrics of :func:`fit_and_export`.
+    """
+    from llamahome.utils.rundir import append_run_record, run_dir_locked
+
+    output_dir = Path(cfg.paths.output_dir)
+    with run_dir_locked(output_dir):  # before anything is written: one live run per dir
+        append_run_record(output_dir, {"event": "start", **_run_fields(cfg)})
+        status: dict[str, Any] = {"event": "end", "status": "failed"}
+        try:
+            metrics = fit_and_export(cfg, status)
+            status["status"] = "completed"
+            return metrics
+        except SystemExit as err:
+            status["status"] = "interrupted" if err.code in (130, 143) else "failed"
+            status["exit_code"] = err.code
+            raise
+        finally:
+            append_run_record(output_dir, status)
+
+
+def _run_fields(cfg: DictConfig) -> dict[str, Any]:
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    return {"overrides": overrides, "ckpt_path": cfg.get("ckpt_path"), "seed": cfg.get("seed")}
+
+
+def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build everything the config names, fit, export; return the final metrics.
 
     Cheap objects (specs, data module, optimizer check) are built first, so a bad value fails
@@ -31,6 +65,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     Args:
         cfg: The composed ``conf/train.yaml``.
+        status: The run record's end entry; ``global_step`` is added once fit returns.
 
     Returns:
         Metrics: the Trainer's callback metrics plus ``val/loss_first``, ``val/loss_best``,
@@ -41,7 +76,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     from llamahome.model.finetuning import apply_finetuning
     from llamahome.model.load import load_model, load_tokenizer
-    from llamahome.training.checkpointing import exit_on_preemption
     from llamahome.training.checks import (
         check_finetuning,
         check_launchable,
@@ -49,7 +83,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_trainer,
         resolve_ckpt_path,
     )
+    from llamahome.training.ckpt_check import check_checkpoint, expected_state
     from llamahome.training.module import LlamaLitModule
+    from llamahome.training.run_guards import adapt_to_missing_validation, clamp_log_every
+    from llamahome.training.run_logs import finish_run_hyperparams, log_run_hyperparams
+    from llamahome.training.signals import stop_on_signals
     from llamahome.utils.rich_utils import print_config_tree, print_table
 
     start = time.perf_counter()
@@ -59,10 +97,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     # 1. Validate: everything that can fail on a typo fails here, in seconds.
     check_trainer(cfg)
+    clamp_log_every(cfg)
+    adapt_to_missing_validation(cfg)
     check_optimizer(cfg)
     if in_multirun():
         check_launchable(cfg)
     model_spec = build(cfg, "model")
+    check_seed(cfg)
     cache_spec = build(cfg, "cache")
     finetuning = build(cfg, "peft")
     # QLoRA without a GPU, fp16 AMP on CPU, bad levers: fail now; the 4-bit config if qlora.
@@ -89,19 +130,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         compile=cfg.get("compile", False),
     )
 
+    if ckpt_path is not None and Path(ckpt_path).is_file():  # sharded dirs: Lightning checks
+        # One clear line for a wrong, damaged or foreign checkpoint.
+        run = f"model={model_spec.name}, {'LoRA' if lit.is_peft else 'no adapters'}"
+        check_checkpoint(ckpt_path, expected_state(lit), run)
+
     # 4. Trainer with callbacks and loggers from their config groups.
     callbacks = [build(cfg, f"callbacks.{name}") for name in cfg.get("callbacks") or {}]
     loggers = [build(cfg, f"logger.{name}") for name in cfg.get("logger") or {}]
-    for logger in loggers:
-        logger.log_hyperparams(redacted_config(cfg))
+    log_run_hyperparams(loggers, redacted_config(cfg))
     trainer = build(cfg, "trainer", callbacks=[c for c in callbacks if c], logger=loggers or False)
     _remember_wandb_runs(loggers)
 
     first_val = None
-    if cfg.get("validate_before_fit") and ckpt_path is None and not trainer.fast_dev_run:
-        first_val = trainer.validate(lit, datamodule=datamodule, verbose=False)[0].get("val/loss")
-    with exit_on_preemption():  # SIGTERM: last.ckpt is saved (PreemptionCheckpoint), exit 143
+    # SIGTERM or Ctrl-C: last.ckpt at the next batch boundary, exit 143 or 130.
+    with stop_on_signals(trainer):
+        if cfg.get("validate_before_fit") and ckpt_path is None and not trainer.fast_dev_run:
+            results = trainer.validate(lit, datamodule=datamodule, verbose=False)
+            first_val = results[0].get("val/loss") if results else None
         trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
+    if status is not None:
+        status["global_step"] = trainer.global_step
+    finish_run_hyperparams(loggers, lit.best_val_loss, trainer.global_step)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) or isinstance(v, float)}
     metrics["val/loss_first"] = first_val if first_val is not None else float("nan")

@@ -55,7 +55,17 @@ def load_split_records(opts: DataOptions, tokenizer: Any) -> Split:
     train = _capped(train, opts.max_train_samples, opts.seed)
     val = _capped(val, opts.max_val_samples, opts.seed)
     if not train:
-        raise DataError(f"{_where(opts)}: no training records left after filtering and splitting")
+        raise DataError(
+            f"{_where(opts)}: no training records left after filtering and splitting "
+            f"(0 train, {len(val)} validation, data.val_fraction={opts.val_fraction})"
+        )
+    wants_val = opts.val_fraction > 0 or opts.val_path is not None or opts.val_split is not None
+    if wants_val and not val and opts.max_val_samples != 0:
+        raise DataError(
+            f"{_where(opts)}: data.val_fraction={opts.val_fraction} leaves no validation "
+            f"samples ({len(train)} train, 0 validation): give more data, or set "
+            "data.val_fraction=0 to train without validation"
+        )
     return train, val
 
 

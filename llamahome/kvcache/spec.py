@@ -365,6 +365,11 @@ def make_cache(
             raise CacheBudgetError(
                 f"cache.{key} is not a cache setting: use one of {', '.join(sorted(known))}."
             )
+    if not hasattr(config, "num_hidden_layers"):  # None, a dict, a model instead of its config
+        raise CacheBudgetError(
+            f"make_cache: config must be the model's config (model.config), got "
+            f"{type(config).__name__}."
+        )
     return CacheSpec(policy=policy, **budget).build(config, seq_len=seq_len)
 
 

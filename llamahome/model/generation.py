@@ -43,7 +43,8 @@ def sampling_kwargs(
     if not whole or max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": bool(do_sample)}
-    penalty = float(repetition_penalty or 1.0)
+    # 0 is a value (refused below), not "off": only None means the default.
+    penalty = 1.0 if repetition_penalty is None else float(repetition_penalty)
     if penalty <= 0:
         raise ConfigError(f"repetition_penalty={penalty} must be > 0 (1.0 = off)")
     if penalty != 1.0:

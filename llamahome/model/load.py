@@ -81,12 +81,15 @@ class ModelSpec:
 
     def llama_config(self, **extra: Any):
         """The ``LlamaConfig`` for random initialisation (also used for meta-device shapes)."""
+        from huggingface_hub.errors import StrictDataclassError
         from transformers import LlamaConfig
 
         try:
             return LlamaConfig(**{**self.config, **extra})
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"model.config is not a valid LlamaConfig: {err}") from err
+        except (TypeError, ValueError, StrictDataclassError) as err:
+            # transformers' validators raise StrictDataclassError (not a ValueError), multi-line.
+            reason = " ".join(str(err).split())
+            raise ConfigError(f"model.config is not a valid LlamaConfig: {reason[:300]}") from err
 
 
 def resolve_spec(source: str | ModelSpec | Any, **overrides: Any) -> ModelSpec:
@@ -109,7 +112,15 @@ def resolve_spec(source: str | ModelSpec | Any, **overrides: Any) -> ModelSpec:
     elif isinstance(source, str):
         spec = ModelSpec(name=model_name(source), pretrained=source, hub_id=None)
     else:  # a mapping (dict or DictConfig) of ModelSpec fields
-        from omegaconf import OmegaConf
+        from collections.abc import Mapping
+
+        from omegaconf import DictConfig, OmegaConf
+
+        if not isinstance(source, Mapping | DictConfig):
+            raise ConfigError(
+                f"load_model: expected a model name (smollm2, tiny...), a directory, a hub id, "
+                f"a mapping or a ModelSpec, got {type(source).__name__} {source!r:.40}."
+            )
 
         fields = OmegaConf.to_container(source, resolve=True) if not isinstance(source, dict) else source
         fields = {k: v for k, v in dict(fields).items() if k != "_target_"}

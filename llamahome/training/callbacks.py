@@ -36,25 +36,52 @@ def _batch_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 class TokenThroughput(ThroughputMonitor):
-    """Lightning's ``ThroughputMonitor`` counting tokens, with MFU where peak FLOPs are known.
+    """Lightning's ``ThroughputMonitor`` counting tokens and FLOPs, with MFU.
 
-    Logs ``train/tokens_per_sec`` (``items_per_sec``), ``samples_per_sec`` and, on devices whose
-    peak FLOP/s Lightning knows (most NVIDIA GPUs), ``mfu`` from ``6 * params * tokens``.
+    Logs ``train/tokens_per_sec`` (``items_per_sec``), ``samples_per_sec``,
+    ``train/device/flops_per_sec`` from :func:`batch_flops` (6N per token plus attention) and
+    ``train/device/mfu`` wherever the device's peak FLOP/s is known: Lightning knows most NVIDIA
+    GPUs; elsewhere (CPU) give ``peak_flops`` (``callbacks.throughput.peak_flops=2e12``).
+
+    Args:
+        window_size: Batches averaged per figure.
+        peak_flops: Peak FLOP/s of one device, overriding Lightning's table (``None``: keep it).
+        **kwargs: ``ThroughputMonitor`` arguments.
     """
 
-    def __init__(self, window_size: int = 5, **kwargs: Any) -> None:
+    def __init__(
+        self, window_size: int = 5, peak_flops: float | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(
             batch_size_fn=_batch_size, length_fn=_batch_tokens, window_size=window_size, **kwargs
         )
+        self.peak_flops = peak_flops
         self._tokens = 0
         self._wall_start: float | None = None
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Create the meters; declare ``flops_per_batch`` before the first (validation) batch."""
+        super().setup(trainer, pl_module, stage)
+        if self.peak_flops:
+            self.available_flops = int(self.peak_flops)
+            for meter in self._throughputs.values():
+                meter.available_flops = self.available_flops
+        # Lightning decides once, at the first batch of any stage, whether the module has
+        # FLOPs; validation before fit would otherwise switch them off for the whole run.
+        if not hasattr(pl_module, "flops_per_batch"):
+            pl_module.flops_per_batch = None
+
     def on_train_batch_start(self, trainer, pl_module, batch, *args: Any) -> None:
         """Tell the monitor this batch's FLOPs (used for MFU) and start the wall clock."""
-        pl_module.flops_per_batch = pl_module.flops_per_token * _batch_tokens(batch)
+        pl_module.flops_per_batch = batch_flops(pl_module, batch, backward=True)
         if self._wall_start is None:
             self._wall_start = time.perf_counter()
         super().on_train_batch_start(trainer, pl_module, batch, *args)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, *args: Any) -> None:
+        """Forward-only FLOPs for validation batches."""
+        pl_module.flops_per_batch = batch_flops(pl_module, batch, backward=False)
+        super().on_validation_batch_start(trainer, pl_module, batch, *args)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, *args: Any) -> None:
         """Count tokens for the end-of-fit summary."""
@@ -67,6 +94,20 @@ class TokenThroughput(ThroughputMonitor):
         if self._wall_start is None:
             return 0.0
         return self._tokens / max(1e-9, time.perf_counter() - self._wall_start)
+
+
+def batch_flops(pl_module: Any, batch: dict[str, torch.Tensor], backward: bool) -> int:
+    """FLOPs of one batch: 2N per token forward plus attention (PaLM, appendix B); x3 with backward.
+
+    ``N`` is the parameter count (``pl_module.num_params``); attention scores and their product
+    with the values add ``4 * layers * hidden * seq_len`` per token forward.
+    """
+    ids = batch["input_ids"]
+    tokens, seq_len = ids.numel(), ids.shape[-1]
+    config = pl_module.model.config
+    attention = 4 * config.num_hidden_layers * config.hidden_size * seq_len
+    forward = tokens * (2 * pl_module.num_params + attention)
+    return int(3 * forward if backward else forward)
 
 
 class NonFiniteLossGuard(Callback):
@@ -134,13 +175,9 @@ class SampleGeneration(Callback):
         for prompt, text in zip(self.prompts, rows, strict=True):
             self.samples.append({"step": step, "prompt": prompt, "completion": text})
             log.info("sample @ step %d | %s -> %s", step, prompt, text.replace("\n", " ")[:200])
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_text"):  # WandbLogger: a table of samples
-                logger.log_text(
-                    key="samples",
-                    columns=["step", "prompt", "completion"],
-                    data=[[r["step"], r["prompt"], r["completion"]] for r in self.samples],
-                )
+        from llamahome.training.run_logs import log_samples
+
+        log_samples(trainer.loggers, self.samples, step)
 
 
 class DataSummary(Callback):

@@ -15,6 +15,7 @@ Three pieces, each on Lightning's own extension points:
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 #: Exit status after a SIGTERM-triggered checkpoint: the shell convention for "killed by SIGTERM",
 #: so schedulers and scripts see an interrupted job, not a finished one.
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+#: A full disk or quota while writing a checkpoint: one StorageError line, not a traceback.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 # ------------------------------------------------------------------------------ atomic files
@@ -73,8 +76,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         remove_stale_temps(path)
         # One writer per target is Lightning's contract (global rank 0).
-        with atomic_write(path) as file:
-            self._write(checkpoint, file, Path(path))
+        try:
+            with atomic_write(path) as file:
+                self._write(checkpoint, file, Path(path))
+        except OSError as err:
+            if err.errno not in _DISK_FULL:
+                raise
+            from llamahome.errors import StorageError
+
+            target = Path(path)
+            raise StorageError(
+                f"cannot write checkpoint {target}: {os.strerror(err.errno)}; the previous "
+                f"{target.name} (if any) is intact. Free space in {target.parent} and resume "
+                "with ckpt_path=last"
+            ) from None
 
     def _write(self, checkpoint: dict[str, Any], file: BinaryIO, target: Path) -> None:
         """Serialise into the open temporary file for ``target`` (a seam for tests)."""
@@ -88,7 +103,9 @@ def _is_local(path: str | os.PathLike) -> bool:
 
 # ------------------------------------------------------------------------------ SIGTERM
 class PreemptionCheckpoint(Callback):
-    """Save ``last.ckpt`` when the run is terminated with SIGTERM.
+    """Save ``last.ckpt`` when the run is terminated with SIGTERM or Ctrl-C.
+
+    Ctrl-C reaches this path through ``llamahome.training.signals.stop_on_signals``.
 
     Lightning's signal connector records SIGTERM and raises ``SIGTERMException`` after the
     current batch (all ranks at the same batch under DDP), then calls ``on_exception`` on every
@@ -120,7 +137,7 @@ class PreemptionCheckpoint(Callback):
             checkpoint_callback.last_model_path = path
         trainer.save_checkpoint(path)
         rank_zero_info(
-            f"SIGTERM: saved {path} at global step {trainer.global_step}; "
+            f"Stopped by a signal: saved {path} at global step {trainer.global_step}; "
             "resume with the same hydra.run.dir and ckpt_path=last."
         )
 

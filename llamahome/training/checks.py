@@ -54,6 +54,10 @@ def check_optimizer(cfg: DictConfig) -> None:
 def check_trainer(cfg: DictConfig) -> None:
     """The few Trainer values that must be sane before a long model load."""
     trainer = cfg.trainer
+    for key in ("max_steps", "max_epochs", "log_every_n_steps"):
+        value = trainer.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"trainer.{key} must be an integer, got {value!r}.")
     if trainer.get("max_steps", -1) in (0,) or (
         trainer.get("max_steps", -1) < 0 and trainer.get("max_epochs", -1) in (None, -1, 0)
     ):
@@ -75,6 +79,13 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | No
                 "e.g. `hydra.run.dir=outputs/train/runs/<time> ckpt_path=last`."
             )
         return str(path)
+    if Path(ckpt_path).is_dir():
+        if (Path(ckpt_path) / ".metadata").is_file():  # FSDP state_dict_type=sharded
+            return str(ckpt_path)
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} is a directory but not a sharded checkpoint (no .metadata); "
+            "give the .ckpt file in it."
+        )
     if not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist.")
     return str(ckpt_path)
@@ -113,6 +124,9 @@ def check_finetuning(cfg: Any, method: Any) -> Any:
     if clip is not None and not (isinstance(clip, int | float) and clip >= 0):
         raise ConfigError(f"trainer.gradient_clip_val must be >= 0 or null, got {clip!r}.")
     compile_backend(cfg.get("compile", False))
+    rank = getattr(method, "r", None)  # peft fails on r=0 only once the model is wrapped
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ConfigError(f"peft.r must be a positive integer, got {rank!r}.")
     if not isinstance(method, QLoRA):
         return None
     model = cfg.get("model") or {}

@@ -67,9 +67,10 @@ class LlamaLitModule(L.LightningModule):
             num_classes=vocab, ignore_index=IGNORE_INDEX, average="micro", validate_args=False
         )
         self.best_val_loss = math.inf
-        num_params = sum(p.numel() for p in model.parameters())
-        # nanoGPT/PaLM estimate: 6 FLOPs per parameter per token (forward + backward).
-        self.flops_per_token = 6 * num_params
+        self.num_params = sum(p.numel() for p in model.parameters())
+        # nanoGPT/PaLM estimate: 6 FLOPs per parameter per token (forward + backward); the
+        # throughput callback adds attention (training.callbacks.batch_flops).
+        self.flops_per_token = 6 * self.num_params
 
     def forward(self, batch: dict[str, torch.Tensor]):
         """Run the HF model on the batch's model inputs (extra collate keys are ignored)."""

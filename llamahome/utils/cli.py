@@ -22,13 +22,42 @@ def user_errors() -> Iterator[None]:
 
     Set ``LLAMAHOME_DEBUG=1`` (or ``HYDRA_FULL_ERROR=1``) to see the full traceback instead.
     """
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         yield
-    except LlamaHomeError as err:
+    except (LlamaHomeError, OmegaConfBaseException) as err:
         if os.environ.get("LLAMAHOME_DEBUG") or os.environ.get("HYDRA_FULL_ERROR"):
             raise
+        if isinstance(err, OmegaConfBaseException):
+            err = config_error(err)
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        # Ctrl-C outside training (loading, generating): nothing to save, no traceback.
+        if os.environ.get("LLAMAHOME_DEBUG"):
+            raise
+        print("Interrupted (Ctrl-C).", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+
+
+def config_error(err: Exception) -> LlamaHomeError:
+    """Turn an OmegaConf error met while reading the config into a ConfigError naming the key.
+
+    ``???`` values (``data.path`` of ``data=alpaca``) raise ``MissingMandatoryValue`` only when
+    read, deep inside whatever reads them; the user needs the key, not that place.
+    """
+    from omegaconf.errors import MissingMandatoryValue
+
+    from llamahome.errors import ConfigError
+
+    key = getattr(err, "full_key", None) or "a config value"
+    if isinstance(err, MissingMandatoryValue):
+        return ConfigError(
+            f"{key} is required and has no value: give {key}=... on the command line"
+        )
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return ConfigError(f"{key}: {first}")
 
 
 def quiet_libraries() -> None:

@@ -211,13 +211,9 @@ def _log_summary(summary: dict[str, Any], sweep_dir: Path) -> None:
 
     for job in jobs:
         if job["status"] == "completed":
-            log.info(
-                "  #%s completed %s=%s  %s",
-                job.get("num"),
-                job.get("metric"),
-                _fmt(job.get("value")),
-                swept(job),
-            )
+            metric = job.get("metric")
+            value = f"{metric}={_fmt(job.get('value'))}" if metric else ""
+            log.info("  #%s completed %s  %s", job.get("num"), value, swept(job))
         else:
             log.error(
                 "  #%s %s: %s  %s",

@@ -38,3 +38,14 @@ def error_message(err: BaseException) -> str:
     """The last line of an exception's message (where wrapped library errors say what failed)."""
     lines = str(err).strip().splitlines()
     return lines[-1] if lines else type(err).__name__
+
+
+def check_seed(cfg: DictConfig) -> None:
+    """Refuse a ``seed`` that is not an integer (``seed=abc``) before anything is seeded.
+
+    Raises:
+        ConfigError: Naming the value.
+    """
+    seed = cfg.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError(f"seed must be an integer, got {seed!r}.")

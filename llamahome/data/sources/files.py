@@ -216,7 +216,7 @@ def require_str(record: Record, key: str, optional: bool = False) -> str:
         The value.
 
     Raises:
-        DataError: The field is missing (and required) or not a string/number.
+        DataError: The field is missing (and required) or not a string.
     """
     value = record.data.get(key)
     if value is None:
@@ -224,8 +224,14 @@ def require_str(record: Record, key: str, optional: bool = False) -> str:
             return ""
         have = ", ".join(sorted(map(str, record.data))) or "none"
         raise DataError(f"{record.origin}: record is missing field '{key}' (fields: {have})")
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
+    if not isinstance(value, str):
+        # A number is refused too: "output": 12345 is almost always a broken export, and a
+        # silently stringified value would be trained on as if it were the intended text.
+        hint = f'; write it as a JSON string ("{value}") if it is meant' if isinstance(
+            value, int | float
+        ) and not isinstance(value, bool) else ""
         raise DataError(
-            f"{record.origin}: field '{key}' must be a string, got {type(value).__name__}"
+            f"{record.origin}: field '{key}' must be a string, got {type(value).__name__} "
+            f"{str(value)[:40]}{hint}"
         )
-    return str(value)
+    return value

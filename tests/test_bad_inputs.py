@@ -1,0 +1,273 @@
+"""The bad-input catalogue: every row is one mistake a user can make, and the answer it gets.
+
+Each row: the input (an entry point and its overrides, a data file, a checkpoint, a cache
+budget, an API call), the exit status and a phrase the one ``error:`` line must contain. No row
+may print a traceback (``LLAMAHOME_DEBUG`` unset). Most rows fail in the config checks before a
+model loads, so they run in-process through the entry functions with the same ``user_errors``
+wrapper as the CLI; rows that need the real command line (Hydra's own parsing, the run-dir
+guard) run as subprocesses, a handful only (each starts Python, torch and Hydra).
+
+Serve rows (HTTP requests against ``python -m llamahome.serve``) belong here too once serve
+exists: see ``SERVE_ROWS`` below.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, TINY_TRAIN, compose
+
+from llamahome.utils.cli import user_errors
+
+FIXTURES = REPO / "tests" / "fixtures" / "data"
+TRAIN = (
+    *TINY_TRAIN,
+    "trainer.max_steps=1",
+    "export=false",
+    "validate_before_fit=false",
+    "~callbacks.sample_generation",
+)
+GEN = ("model=tiny", "print_config=false", "stream=false", "max_new_tokens=2")
+
+# (id, entry, overrides, exit status, phrase in the error line). {files} is a directory of bad
+# data files and checkpoints built once per module (see `files`).
+ROWS = [
+    # -------------------------------------------------------------- train: CLI overrides
+    ("lr-negative", "train", ("optim.lr=-1e-3",), 2, "optim.lr must be a positive number"),
+    ("lr-string", "train", ("optim.lr=fast",), 2, "optim.lr"),
+    ("max-steps-0", "train", ("trainer.max_steps=0",), 2, "trainer.max_steps must be > 0"),
+    ("max-steps-str", "train", ("trainer.max_steps=abc",), 2, "trainer.max_steps must be an int"),
+    ("heads-not-dividing", "train", ("model.config.num_attention_heads=3",), 2,
+     "model.config is not a valid LlamaConfig"),
+    ("val-interval-0", "train", ("trainer.val_check_interval=0",), 2, "val_check_interval"),
+    ("val-fraction-1.5", "train", ("data.val_fraction=1.5",), 2, "data.val_fraction=1.5"),
+    ("val-fraction-neg", "train", ("data.val_fraction=-0.1",), 2, "data.val_fraction=-0.1"),
+    ("val-fraction-str", "train", ("data.val_fraction=half",), 2, "data.val_fraction"),
+    ("batch-size-0", "train", ("data.batch_size=0",), 2, "data.batch_size=0"),
+    ("seq-len-0", "train", ("data.max_seq_length=0",), 2, "data.max_seq_length"),
+    ("batching-bad", "train", ("data.batching=sideways",), 2, "data.batching"),
+    ("alpaca-no-path", "train", ("data=alpaca",), 2, "data.path is required"),
+    ("alpaca-missing-file", "train", ("data=alpaca", "data.path=/no/such.jsonl"), 2,
+     "/no/such.jsonl"),
+    ("ckpt-last-none", "train", ("ckpt_path=last",), 2, "ckpt_path=last"),
+    ("ckpt-missing", "train", ("ckpt_path=/no/such.ckpt",), 2, "/no/such.ckpt"),
+    ("fp16-on-cpu", "train", ("trainer.precision=16-mixed",), 2, "precision"),
+    ("qlora-on-cpu", "train", ("peft=qlora",), 2, "qlora"),
+    ("model-no-weights", "train", ("model=llama7b",), 2, "ModelError"),
+    ("seed-string", "train", ("seed=abc",), 2, "seed must be an integer"),
+    ("lora-r-0", "train", ("peft=lora", "peft.r=0"), 2, "peft.r must be a positive integer"),
+    ("accumulate-0", "train", ("trainer.accumulate_grad_batches=0",), 2,
+     "trainer.accumulate_grad_batches"),
+    ("compile-bad", "train", ("compile=maybe",), 2, "compile"),
+    # -------------------------------------------------------------- train: cache budgets
+    ("h2o-budget-1.5", "train", ("cache=h2o", "cache.budget_ratio=1.5"), 2, "budget_ratio"),
+    ("h2o-heavy-neg", "train", ("cache=h2o", "cache.heavy_ratio=-0.1"), 2, "heavy_ratio"),
+    ("h2o-ratios-sum", "train", ("cache=h2o", "cache.heavy_ratio=0.7", "cache.recent_ratio=0.6"),
+     2, "heavy_ratio"),
+    ("window-0", "train", ("cache=window", "cache.window_length=0"), 2, "window_length"),
+    # -------------------------------------------------------------- train: data files
+    ("alpaca-output-int", "train", ("data=alpaca", "data.path={files}/output_int.jsonl"), 2,
+     "field 'output' must be a string, got int"),
+    ("alpaca-malformed", "train",
+     ("data=alpaca", f"data.path={FIXTURES}/alpaca_malformed.jsonl"), 2, "alpaca_malformed"),
+    ("alpaca-missing-field", "train",
+     ("data=alpaca", f"data.path={FIXTURES}/alpaca_missing_field.jsonl"), 2, "missing field"),
+    ("alpaca-empty-file", "train", ("data=alpaca", "data.path={files}/empty.jsonl"), 2,
+     "empty.jsonl"),
+    ("alpaca-one-record", "train", ("data=alpaca", "data.path={files}/one.jsonl"), 2,
+     "data.val_fraction=0.1 leaves no validation samples (1 train, 0 validation)"),
+    ("chat-no-assistant", "train",
+     ("data=chat", f"data.path={FIXTURES}/chat_no_assistant.jsonl"), 2, "assistant"),
+    ("text-not-utf8", "train", ("data=text", "data.path={files}/latin1.txt"), 2, "latin1.txt"),
+    ("custom-missing", "train", ("data=custom", "data.file=/no/such_hook.py"), 2,
+     "/no/such_hook.py"),
+    # -------------------------------------------------------------- train: checkpoints
+    ("ckpt-empty", "train", ("ckpt_path={files}/empty.ckpt",), 2, "the file is empty"),
+    ("ckpt-truncated", "train", ("ckpt_path={files}/truncated.ckpt",), 2, "truncated"),
+    ("ckpt-garbage", "train", ("ckpt_path={files}/garbage.ckpt",), 2,
+     "is not a PyTorch checkpoint"),
+    ("ckpt-directory", "train", ("ckpt_path={files}",), 2, "is a directory"),
+    ("ckpt-plain-weights", "train", ("ckpt_path={files}/plain_weights.pt",), 2,
+     "not a Lightning checkpoint"),
+    ("ckpt-pickled-object", "train", ("ckpt_path={files}/pickled.ckpt",), 2,
+     "safe loading (weights_only=True) refuses"),
+    ("ckpt-wrong-peft", "train", ("peft=lora", "ckpt_path={files}/full.ckpt"), 2,
+     "holds a full model (no LoRA adapters)"),
+    ("ckpt-wrong-peft-rev", "train", ("ckpt_path={files}/lora.ckpt",), 2, "holds LoRA adapters"),
+    ("ckpt-wrong-model", "train",
+     ("model.config.hidden_size=64", "model.config.intermediate_size=176",
+      "ckpt_path={files}/full.ckpt"), 2, "holds a different model"),
+    ("ckpt-wrong-lora-r", "train", ("peft=lora", "peft.r=4", "ckpt_path={files}/lora.ckpt"), 2,
+     "holds a different model"),
+    # -------------------------------------------------------------- generate
+    ("gen-max-new-0", "generate", ("max_new_tokens=0",), 2, "max_new_tokens=0"),
+    ("gen-temperature-0", "generate", ("do_sample=true", "temperature=0"), 2, "temperature"),
+    ("gen-top-p-2", "generate", ("do_sample=true", "top_p=2"), 2, "top_p"),
+    ("gen-penalty-0", "generate", ("repetition_penalty=0",), 2, "repetition_penalty"),
+    ("gen-empty-prompt", "generate", ("prompt=' '",), 2, "prompt is empty"),
+    ("gen-no-prompt", "generate", ("prompt=null",), 2, "prompt is missing"),
+    ("gen-prompt-file-missing", "generate", ("prompt_file=/no/such.txt",), 2, "/no/such.txt"),
+    ("gen-prompt-file-latin1", "generate", ("prompt_file={files}/latin1.txt",), 2,
+     "is not UTF-8"),
+    ("gen-chat-template-bad", "generate", ("chat_template=maybe",), 2, "chat_template"),
+    ("gen-seed-string", "generate", ("seed=abc",), 2, "seed must be an integer"),
+    ("gen-h2o-budget", "generate", ("cache.budget_ratio=1.5",), 2, "budget_ratio"),
+    ("gen-h2o-ratios-sum", "generate", ("cache.heavy_ratio=0.7", "cache.recent_ratio=0.6"), 2,
+     "cache.heavy_ratio + cache.recent_ratio"),
+    ("gen-prompt-too-long", "generate", ("model.config.max_position_embeddings=16",
+                                         "prompt='" + "word " * 40 + "'"), 2,
+     "max_position_embeddings"),
+    # -------------------------------------------------------------- eval
+    ("eval-model-path-missing", "evaluate", ("model=tiny", "model_path=/no/such/export"), 2,
+     "/no/such/export"),
+]
+
+# Requests against the OpenAI-compatible server, one row each, once serve exists:
+# (id, method, path, JSON body, HTTP status, phrase in the error message).
+SERVE_ROWS: list[tuple[str, str, str, dict, int, str]] = []
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    """Bad data files and checkpoints, plus two good checkpoints (full and LoRA) to misuse."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    (root / "output_int.jsonl").write_text(
+        "".join(f'{{"instruction": "n{i}", "input": "", "output": 12345}}\n' for i in range(8))
+    )
+    (root / "one.jsonl").write_text('{"instruction": "Say hi", "input": "", "output": "hi"}\n')
+    (root / "empty.jsonl").write_text("")
+    (root / "latin1.txt").write_bytes("caf\xe9 ol\xe9, d\xe9j\xe0 vu\n".encode("latin-1") * 20)
+    (root / "empty.ckpt").write_bytes(b"")
+    (root / "garbage.ckpt").write_bytes(os.urandom(4096))
+    torch.save({"model.weight": torch.zeros(2, 2)}, root / "plain_weights.pt")
+    torch.save({"state_dict": {}, "global_step": 1, "cfg": _Opaque()}, root / "pickled.ckpt")
+    from llamahome.train import train
+
+    torch.set_num_threads(1)
+    for name, extra in (("full", ()), ("lora", ("peft=lora",))):
+        run = root / f"run_{name}"
+        train(compose("train", (*TRAIN, *extra), run))
+        (root / f"{name}.ckpt").write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())
+    data = (root / "full.ckpt").read_bytes()
+    (root / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    return root
+
+
+class _Opaque:
+    """A class weights_only loading refuses: what a foreign or malicious pickle holds."""
+
+
+def _entry(name: str):
+    module = importlib.import_module(f"llamahome.{'eval' if name == 'evaluate' else name}")
+    return getattr(module, name)
+
+
+@pytest.mark.parametrize(
+    ("entry", "overrides", "code", "phrase"),
+    [pytest.param(*row[1:], id=row[0]) for row in ROWS],
+)
+def test_bad_input_is_one_clear_line(entry, overrides, code, phrase, files, tmp_path, capsys):
+    defaults = {"train": TRAIN, "generate": GEN}.get(entry, ())
+    overrides = tuple(o.replace("{files}", str(files)) for o in overrides)
+    config = "eval" if entry == "evaluate" else entry
+    cfg = compose(config, (*defaults, *overrides), tmp_path / "run")
+    torch.set_num_threads(1)
+    with pytest.raises(SystemExit) as exit_info, user_errors():
+        _entry(entry)(cfg)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == code, err[-2000:]
+    assert len(lines) == 1, err[-2000:]
+    assert phrase.replace("{files}", str(files)) in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert "weights_only=False" not in err
+
+
+# ------------------------------------------------------------------------------ API misuse
+def _tiny_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, vocab_size=128)
+
+
+API_ROWS = [
+    ("load-model-unknown-id", lambda: _api("load_model")("no/such"), "ModelError", "'no/such'"),
+    ("load-model-int", lambda: _api("load_model")(123), "ConfigError", "got int"),
+    ("load-model-unknown-option", lambda: _api("load_model")("tiny", bogus=1), "ConfigError",
+     "bogus"),
+    ("make-cache-ratio-str", lambda: _api("make_cache")("h2o", _tiny_config(), heavy_ratio="x"),
+     "CacheError", "cache.heavy_ratio='x'"),
+    ("make-cache-policy-none", lambda: _api("make_cache")(None, _tiny_config()), "CacheError",
+     "cache.policy=None"),
+    ("make-cache-unknown-policy", lambda: _api("make_cache")("lru", _tiny_config()),
+     "CacheError", "lru"),
+    ("make-cache-unknown-key", lambda: _api("make_cache")("h2o", _tiny_config(), bogus=1),
+     "CacheError", "cache.bogus"),
+    ("make-cache-ratio-2", lambda: _api("make_cache")("h2o", _tiny_config(), heavy_ratio=2.0),
+     "CacheError", "heavy_ratio"),
+    ("make-cache-no-config", lambda: _api("make_cache")("h2o", None), "CacheError", "config"),
+]
+
+
+def _api(name: str):
+    import llamahome
+
+    return getattr(llamahome, name)
+
+
+@pytest.mark.parametrize(
+    ("call", "kind", "phrase"), [pytest.param(*r[1:], id=r[0]) for r in API_ROWS]
+)
+def test_api_misuse_raises_a_named_llamahome_error(call, kind, phrase) -> None:
+    from llamahome.errors import LlamaHomeError
+
+    with pytest.raises(LlamaHomeError) as info:
+        call()
+    names = {cls.__name__ for cls in type(info.value).__mro__}
+    assert kind in names, type(info.value)
+    assert phrase in str(info.value)
+    assert len(str(info.value).splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------ real CLI
+CLI_ROWS = [
+    # Hydra's own override parsing: its one-line message, exit status 1.
+    ("unknown-key", ("optim.not_a_key=1",), 1, "not_a_key"),
+    ("unknown-group-option", ("cache=nosuch",), 1, "nosuch"),
+    # The run-dir guard, before Hydra writes anything.
+    ("run-dir-under-a-file", ("hydra.run.dir={file}/run",), 2, "is a file in the way"),
+    ("run-dir-unwritable", ("hydra.run.dir=/proc/llamahome-run",), 2, "hydra.run.dir=/proc"),
+    # MissingMandatoryValue through the real Hydra app.
+    ("alpaca-no-path-cli", ("data=alpaca", "model=tiny"), 2, "data.path is required"),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "phrase"), [pytest.param(*r[1:], id=r[0]) for r in CLI_ROWS]
+)
+def test_cli_bad_input_is_one_clear_line(args, code, phrase, tmp_path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    args = tuple(a.replace("{file}", str(blocker)) for a in args)
+    if not any(a.startswith("hydra.run.dir") for a in args):
+        args = (*args, f"hydra.run.dir={tmp_path / 'run'}")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("LLAMAHOME_DEBUG", None)
+    env.pop("HYDRA_FULL_ERROR", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "llamahome.train", "print_config=false", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == code, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert phrase in result.stderr, result.stderr[-2000:]
+    if code == 2:
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and phrase in lines[0], result.stderr[-2000:]
