@@ -57,12 +57,16 @@ def draw(row: Mapping[str, Any], path: str | Path) -> Path | None:
     for i, line in enumerate(values):
         for j, value in enumerate(line):
             text = "-" if value != value else f"{value:.2f}"  # NaN: cell not run
-            ax.text(j, i, text, ha="center", va="center", fontsize=9)
+            dark = value == value and not 0.2 < value < 0.8  # white on the dark ends of the map
+            ax.text(
+                j, i, text, ha="center", va="center", fontsize=9, color="white" if dark else "black"
+            )
     fig.colorbar(image, ax=ax, label="accuracy")
     budget = row.get("budget") or ""
     protocol = str(row.get("protocol") or "").replace("_", " ")
     title = f"{row.get('task')}: {row.get('policy')} {budget}".strip()
-    ax.set_title(f"{title}\n{row.get('model', '')} {protocol}".strip(), fontsize=10)
+    subtitle = ", ".join(str(p) for p in (row.get("model"), protocol) if p)
+    ax.set_title(f"{title}\n{subtitle}".strip(), fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
