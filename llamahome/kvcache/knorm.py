@@ -27,9 +27,7 @@ class KnormLayer(EvictingLayer):
     policy = "knorm"
 
     def _new_meta(self, bsz, kv_heads, q, new_valid, position_ids, device):  # noqa: D102
-        meta: dict[str, Any] = super()._new_meta(
-            bsz, kv_heads, q, new_valid, position_ids, device
-        )
+        meta: dict[str, Any] = super()._new_meta(bsz, kv_heads, q, new_valid, position_ids, device)
         meta["score"] = 0.0  # filled with minus the key norm in finish()
         return meta
 

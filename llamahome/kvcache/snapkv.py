@@ -83,9 +83,7 @@ class SnapKVLayer(EvictingLayer):
         return self._in_buffer
 
     def _new_meta(self, bsz, kv_heads, q, new_valid, position_ids, device):  # noqa: D102
-        meta: dict[str, Any] = super()._new_meta(
-            bsz, kv_heads, q, new_valid, position_ids, device
-        )
+        meta: dict[str, Any] = super()._new_meta(bsz, kv_heads, q, new_valid, position_ids, device)
         meta["score"] = 0.0
         return meta
 
@@ -110,7 +108,7 @@ class SnapKVLayer(EvictingLayer):
         super().finish(scores)
 
     def priority(self, work: dict[str, torch.Tensor], seen: int) -> torch.Tensor:
-        """The window first, then the score; padding last."""
+        """Rank the window first, then the score; padding last."""
         recent = min(self.window, self.budget.total(seen))
         prio = work["score"]
         if not self._all_valid:

@@ -26,9 +26,7 @@ from llamahome.kvcache.query_attention import last_query_probs
 __all__ = ["TOVALayer", "tova_scores"]
 
 
-def tova_scores(
-    query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None
-) -> torch.Tensor:
+def tova_scores(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Attention of the last query, averaged over all heads, (batch, kv_heads, kv_len) float32."""
     probs = last_query_probs(query, key, mask, rows=1)  # (b, heads, 1, L)
     layer_mean = probs.mean(dim=(1, 2))  # (b, L)
@@ -46,9 +44,7 @@ class TOVALayer(EvictingLayer):
         self._inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
     def _new_meta(self, bsz, kv_heads, q, new_valid, position_ids, device):  # noqa: D102
-        meta: dict[str, Any] = super()._new_meta(
-            bsz, kv_heads, q, new_valid, position_ids, device
-        )
+        meta: dict[str, Any] = super()._new_meta(bsz, kv_heads, q, new_valid, position_ids, device)
         meta["score"] = 0.0  # overwritten in finish() by this step's attention
         return meta
 
@@ -71,7 +67,7 @@ class TOVALayer(EvictingLayer):
         super().finish(None)
 
     def priority(self, work: dict[str, torch.Tensor], seen: int) -> torch.Tensor:
-        """This step's attention; the newest token first, padding last."""
+        """Rank the newest token first, then this step's attention; padding last."""
         prio = work["score"]
         if not self._all_valid:
             prio = prio.masked_fill(~work["valid"], -INF)
