@@ -9,6 +9,10 @@ import torch
 from llamahome.core.cache_budget import Budget
 from llamahome.core.cache_layers import INF, EvictingLayer, expand_heads
 from llamahome.errors import CacheError
+from llamahome.kvcache.keydiff import KeyDiffLayer
+from llamahome.kvcache.knorm import KnormLayer
+from llamahome.kvcache.snapkv import SnapKVLayer
+from llamahome.kvcache.tova import TOVALayer
 
 
 class WindowLayer(EvictingLayer):
@@ -84,6 +88,10 @@ LAYER_TYPES: dict[str, type[EvictingLayer]] = {
     "window": WindowLayer,
     "sink": SinkLayer,
     "h2o": H2OLayer,
+    "keydiff": KeyDiffLayer,
+    "knorm": KnormLayer,
+    "tova": TOVALayer,
+    "snapkv": SnapKVLayer,
 }
 
 
