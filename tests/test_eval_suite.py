@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import compose
 
-from llamahome.core.cache import CacheSpec
+from llamahome.core.cache import POLICIES, CacheSpec
 from llamahome.errors import ConfigError
 from llamahome.evaluation import ruler as ruler_module
 from llamahome.evaluation.base import KVMeter
@@ -286,3 +286,16 @@ def test_smallest_budget_within_five_percent_of_full():
         compressed,
         "ppl [question protected]",
     }
+
+
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p != "full"])
+def test_every_policy_keeps_the_question_and_a_fifth_of_the_context(tiny, policy):
+    _, batch = _needle_batch(tiny)
+    width, total = batch.context_width, batch.ids.shape[1]
+    spec = CacheSpec(policy=policy, budget_ratio=0.2, min_tokens=0)
+    cache, out, _ = prefill(tiny[0], batch, spec, question_protected=True)
+    assert out.logits.isfinite().all()
+    for layer in cache.layers:
+        kept = layer.positions
+        assert kept.shape[-1] == int(0.2 * width) + total - width
+        assert (kept >= width).sum(-1).eq(total - width).all()  # every question token, row, head
