@@ -299,3 +299,25 @@ def test_every_policy_keeps_the_question_and_a_fifth_of_the_context(tiny, policy
         kept = layer.positions
         assert kept.shape[-1] == int(0.2 * width) + total - width
         assert (kept >= width).sum(-1).eq(total - width).all()  # every question token, row, head
+
+
+def test_sweep_report_tables_protocols_apart_and_draws_a_heatmap_per_policy(tmp_path):
+    from llamahome.evaluation.report import write_report
+
+    rows = []
+    for protocol in ("question_protected", "question_compressed"):
+        for policy, budget, value in (("full", None, 1.0), ("h2o", 0.2, 0.5), ("h2o", 0.5, 0.98)):
+            row = _rows(policy, {budget: value}, task="niah", protocol=protocol)[0]
+            row.update(
+                budget="all" if policy == "full" else f"{budget:.0%}",
+                metric="accuracy",
+                config_hash=f"{policy}{budget}{protocol}",
+                **{f"accuracy@1024_d{d:g}": value for d in (0, 0.5, 1)},
+            )
+            rows.append(row)
+    paths = write_report(tmp_path, rows)
+    text = paths["markdown"].read_text()
+    assert "### niah [question protected]" in text and "### niah [question compressed]" in text
+    assert "| niah [question compressed] | m | h2o | 50% | 0.98 | 1 | 20%, 50% |" in text
+    pngs = sorted(p.name for p in tmp_path.glob("heatmap_*.png"))
+    assert len(pngs) == 6 and "heatmap_niah_question_compressed_h2o_20.png" in pngs
