@@ -164,7 +164,7 @@ def test_question_protected_keeps_every_question_token(tiny):
     _, batch = _needle_batch(tiny)
     width, total = batch.context_width, batch.ids.shape[1]
     question = set(range(width, total))
-    spec = CacheSpec(policy="h2o", budget_ratio=0.2)
+    spec = CacheSpec(policy="h2o", budget_ratio=0.2, min_tokens=0)
     cache, _, _ = prefill(model, batch, spec, question_protected=True)
     for layer in cache.layers:
         kept = layer.positions

@@ -21,8 +21,6 @@ same column); the padding is masked, and the cache layers never keep it over rea
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +28,6 @@ from typing import Any
 
 import torch
 
-from llamahome.errors import ConfigError
 from llamahome.evaluation.base import KVMeter
 
 log = logging.getLogger(__name__)
@@ -90,34 +87,13 @@ def encode(tokenizer: Any, prompt: Prompt, chat: bool) -> tuple[list[int], list[
     return list(context), list(question)
 
 
-def pinned(cache: Any) -> contextlib.AbstractContextManager:
-    """``llamahome.kvcache.pinned(cache)``: tokens appended inside the block are never evicted."""
-    for where in ("llamahome.kvcache", "llamahome.kvcache.spec", "llamahome.core.cache"):
-        try:
-            module = __import__(where, fromlist=["pinned"])
-        except ImportError:
-            continue
-        if hasattr(module, "pinned"):
-            return module.pinned(cache)
-    raise ConfigError(
-        "task.question_protected=true needs llamahome.kvcache.pinned, which this install lacks; "
-        "set task.question_protected=false."
-    )
-
-
 def build_cache(cache_spec: Any, model_config: Any, seq_len: int) -> Any:
-    """Make a fresh cache whose ratio budget is of `seq_len` tokens, without the chat floor.
+    """Make a fresh cache whose ratio budget is of `seq_len` tokens.
 
-    Eval measures the policy itself, so ``min_tokens`` (the floor under which a cache never
-    evicts, for short chat turns) is 0 here.
+    The floor is the spec's: ``conf/eval.yaml`` sets ``cache.min_tokens=0`` (eval measures the
+    policy itself); a ``CacheSpec`` made in code keeps its own ``min_tokens``.
     """
-    names = {f.name for f in dataclasses.fields(cache_spec)}
-    if "min_tokens" in names and cache_spec.min_tokens != 0:
-        cache_spec = dataclasses.replace(cache_spec, min_tokens=0)
-    try:
-        return cache_spec.build(model_config, seq_len=seq_len)
-    except TypeError:  # a CacheSpec without the sequence-length budget (older API)
-        return cache_spec.build(model_config)
+    return cache_spec.build(model_config, seq_len=seq_len)
 
 
 @dataclass
@@ -174,6 +150,8 @@ def prefill(
         )
 
     if question_protected:
+        from llamahome.core.cache import pinned
+
         step(0, width)
         with pinned(cache):
             out = step(width, ids.shape[1])
