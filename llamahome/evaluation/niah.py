@@ -14,10 +14,9 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from llamahome.evaluation.base import Outcome, int_list, positive_int
-from llamahome.evaluation.passkey import _depths
+from llamahome.evaluation.base import Outcome, depth_list, flag, int_list, positive_int
 from llamahome.evaluation.protocol import protocol_name
-from llamahome.evaluation.ruler import _flag, check_lengths, score_samples
+from llamahome.evaluation.ruler import check_lengths, score_samples
 from llamahome.evaluation.ruler_data import (
     NEEDLE,
     Sample,
@@ -69,10 +68,10 @@ class NeedleHeatmap:
     ) -> None:
         self.name = name
         self.lengths = int_list("task.lengths", lengths, 64)
-        self.depths = _depths(depths)
+        self.depths = depth_list(depths)
         self.trials = positive_int("task.trials", trials)
         self.batch_size = positive_int("task.batch_size", batch_size)
-        self.question_protected = _flag("task.question_protected", question_protected)
+        self.question_protected = flag("task.question_protected", question_protected)
         self.chat = bool(chat)
         self.seed = int(seed)
         self.show_progress = show_progress

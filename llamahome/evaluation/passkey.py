@@ -28,6 +28,8 @@ from llamahome.evaluation.base import (
     KVMeter,
     Outcome,
     Stopwatch,
+    depth_list,
+    flag,
     int_list,
     positive_int,
     progress,
@@ -151,18 +153,14 @@ class Passkey:
     ) -> None:
         self.name = name
         self.lengths = int_list("task.lengths", lengths, 16)
-        self.depths = _depths(depths)
+        self.depths = depth_list(depths)
         self.trials = positive_int("task.trials", trials)
         self.digits = positive_int("task.digits", digits)
         if self.digits > 18:
             raise ConfigError(f"task.digits={digits} must be <= 18.")
         self.batch_size = positive_int("task.batch_size", batch_size)
         self.chat = bool(chat)
-        if not isinstance(question_protected, bool):
-            raise ConfigError(
-                f"task.question_protected={question_protected!r} must be true or false."
-            )
-        self.question_protected = question_protected
+        self.question_protected = flag("task.question_protected", question_protected)
         self.seed = int(seed)
         self.show_progress = show_progress
 
@@ -215,13 +213,3 @@ class Passkey:
             seconds=watch.seconds,
             evicted=meter.evicted,
         )
-
-
-def _depths(values: Any) -> list[float]:
-    values = [values] if isinstance(values, int | float) else list(values or [])
-    if not values:
-        raise ConfigError("task.depths is empty: give depths in [0, 1], e.g. [0.1, 0.5, 0.9].")
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-            raise ConfigError(f"task.depths has {value!r}: depths are fractions in [0, 1].")
-    return [float(v) for v in values]

@@ -17,7 +17,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from llamahome.errors import ConfigError
-from llamahome.evaluation.base import KVMeter, Outcome, Stopwatch, int_list, positive_int, progress
+from llamahome.evaluation.base import (
+    KVMeter,
+    Outcome,
+    Stopwatch,
+    flag,
+    int_list,
+    positive_int,
+    progress,
+)
 from llamahome.evaluation.protocol import answer, protocol_name
 from llamahome.evaluation.ruler_data import (
     MAX_NEW_TOKENS,
@@ -88,7 +96,7 @@ class Ruler:
         self.lengths = int_list("task.lengths", lengths, 64)
         self.samples = positive_int("task.samples", samples)
         self.batch_size = positive_int("task.batch_size", batch_size)
-        self.question_protected = _flag("task.question_protected", question_protected)
+        self.question_protected = flag("task.question_protected", question_protected)
         self.chat = bool(chat)
         self.seed = int(seed)
         self.options = {
@@ -199,9 +207,3 @@ def score_samples(
             scores[i] = string_match_all(text, samples[i].answers)
             log.debug("%s: %r -> %.2f (%s)", subtask, text, scores[i], samples[i].answers)
     return scores, tokens, meter, watch
-
-
-def _flag(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}={value!r} must be true or false.")
-    return value
