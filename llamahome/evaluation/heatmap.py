@@ -62,7 +62,7 @@ def draw(row: Mapping[str, Any], path: str | Path) -> Path | None:
                 j, i, text, ha="center", va="center", fontsize=9, color="white" if dark else "black"
             )
     fig.colorbar(image, ax=ax, label="accuracy")
-    budget = row.get("budget") or ""
+    budget = "" if row.get("policy") == "full" else row.get("budget") or ""
     protocol = str(row.get("protocol") or "").replace("_", " ")
     title = f"{row.get('task')}: {row.get('policy')} {budget}".strip()
     subtitle = ", ".join(str(p) for p in (row.get("model"), protocol) if p)
