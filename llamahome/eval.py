@@ -221,6 +221,7 @@ def _identical_row(cfg: DictConfig, digest: str, task_name: str) -> dict[str, An
     """
     from hydra.core.hydra_config import HydraConfig
 
+    from llamahome.evaluation.protocol import protocol_name
     from llamahome.evaluation.results import JSONL, read_rows
 
     if not in_multirun():
@@ -237,6 +238,9 @@ def _identical_row(cfg: DictConfig, digest: str, task_name: str) -> dict[str, An
                 )
                 copy = dict(row)
                 copy["budget_ratio"] = OmegaConf.select(cfg, "cache.budget_ratio")
+                protected = OmegaConf.select(cfg, "task.question_protected")
+                if protected is not None:  # the full cache answers the same under both
+                    copy["protocol"] = protocol_name(bool(protected))
                 copy["overrides"] = _overrides()
                 copy["reused_from"] = path.parent.name
                 return copy

@@ -321,3 +321,37 @@ def test_sweep_report_tables_protocols_apart_and_draws_a_heatmap_per_policy(tmp_
     assert "| niah [question compressed] | m | h2o | 50% | 0.98 | 1 | 20%, 50% |" in text
     pngs = sorted(p.name for p in tmp_path.glob("heatmap_*.png"))
     assert len(pngs) == 6 and "heatmap_niah_question_compressed_h2o_20.png" in pngs
+
+
+def test_protocol_sweep_from_the_command_line(tmp_path):
+    """A real multirun: both protocols, full + h2o; full runs once, the report tables both."""
+    from eval_sweep import run_eval
+
+    sweep_dir = tmp_path / "sweep"
+    proc = run_eval(
+        "-m",
+        "model=tiny",
+        "task=niah",
+        "task.lengths=[128]",
+        "task.depths=[0.0,1.0]",
+        "task.trials=1",
+        "task.show_progress=false",
+        "task.question_protected=true,false",
+        "cache=full,h2o",
+        "cache.budget_ratio=0.5",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (sweep_dir / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["policy"], r["protocol"]) for r in rows) == [
+        ("full", "question_compressed"),
+        ("full", "question_protected"),
+        ("h2o", "question_compressed"),
+        ("h2o", "question_protected"),
+    ]
+    full = [r for r in rows if r["policy"] == "full"]
+    assert sum("reused_from" in r for r in full) == 1 and full[0]["value"] == full[1]["value"]
+    text = (sweep_dir / "results.md").read_text()
+    assert "### niah [question compressed]" in text and "Smallest KV budget" in text
+    assert "Smallest budget within 5% of full" in proc.stdout
+    assert len(list(sweep_dir.glob("heatmap_niah_*.png"))) == 4

@@ -258,8 +258,10 @@ def write_report(
     paths = {"jsonl": jsonl, "csv": table, "markdown": markdown, "plot": png}
     from llamahome.evaluation.heatmap import draw, file_name
 
-    for row in distinct(rows):
+    for row in rows:  # one per task, protocol, policy and budget (reused rows are repeats)
         name = file_name(row)
+        if name in paths:
+            continue
         if (drawn := draw(row, sweep_dir / name)) is not None:
             paths[name] = drawn
     return paths

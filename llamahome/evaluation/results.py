@@ -48,8 +48,9 @@ _HASHED_KEYS = ("model", "model_path", "cache", "task", "seed")
 def config_hash(cfg: DictConfig) -> str:
     """Hash what decides the numbers (model, cache, task, seed): short and stable.
 
-    The full cache ignores ``cache.budget_ratio``, so its budget is left out of the hash: the
-    full-cache jobs of a budget sweep share one hash (and the sweep computes them once).
+    The full cache ignores ``cache.budget_ratio`` and evicts no question token, so its budget and
+    ``task.question_protected`` are left out of the hash: the full-cache jobs of a budget or
+    protocol sweep share one hash (and the sweep computes them once).
 
     Args:
         cfg: The composed eval config.
@@ -65,6 +66,9 @@ def config_hash(cfg: DictConfig) -> str:
     cache = dict(plain.get("cache") or {})
     if cache.get("policy") == "full":
         cache.pop("budget_ratio", None)
+        # Nothing is evicted, so both question protocols compute the same answers.
+        if isinstance(plain.get("task"), dict):
+            plain["task"] = {k: v for k, v in plain["task"].items() if k != "question_protected"}
     plain["cache"] = cache
     text = json.dumps(plain, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
