@@ -261,7 +261,7 @@ def min_budget_table(rows: Sequence[Mapping[str, Any]], tolerance: float = 0.05)
         f"Smallest KV budget that stays within {tolerance:.0%} of the full cache "
         "(at that budget and every larger one measured):",
         "",
-        "| task | model | policy | smallest budget | value there | full | budgets measured |",
+        "| task | model | policy | smallest budget | value there | full cache | budgets measured |",
         "|---|---|---|---:|---:|---:|---|",
     ]
     for r in found:
