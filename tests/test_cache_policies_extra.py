@@ -20,9 +20,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import sdpa_mask
 
 from llamahome import make_cache
-from llamahome.core.attention import enable_hybrid_attention, hybrid_attention_forward
-from llamahome.core.cache import POLICIES, CacheSpec
 from llamahome.kvcache import snapkv
+from llamahome.kvcache.attention import enable_hybrid_attention, hybrid_attention_forward
+from llamahome.kvcache.spec import POLICIES, CacheSpec
 
 NEW = ("keydiff", "knorm", "tova", "snapkv")
 CONF = Path(__file__).resolve().parents[1] / "conf" / "cache"
