@@ -154,15 +154,15 @@ def test_passkey_accuracy_is_counted_per_length_and_depth(tiny, monkeypatch):
     """An oracle that only finds keys at depth 0: the accounting must say exactly that."""
     from llamahome.evaluation.passkey import INTRO, NEEDLE
 
-    def oracle(model, tokenizer, prompts, cache_spec, max_new_tokens, chat, meter):
+    def oracle(model, tokenizer, prompts, cache_spec, max_new_tokens, chat, protected, meter):
         answers = []
-        for prompt in prompts:
+        for prompt in (p.context + p.question for p in prompts):
             key = prompt.split("The pass key is ")[1][:5]
             first = prompt.index(NEEDLE.format(key=key)) == len(INTRO) + 1  # depth 0
             answers.append(f" {key}." if first else " 11111.")
         return answers, 10 * len(prompts)
 
-    monkeypatch.setattr(passkey_module, "generate_batch", oracle)
+    monkeypatch.setattr(passkey_module, "answer", oracle)
     task = Passkey(
         lengths=[256, 384], depths=[0.0, 0.5, 1.0], trials=4, batch_size=3, show_progress=False
     )

@@ -61,7 +61,9 @@ def test_aggregate_table_and_plot(sweep):
         assert len(list(csv.DictReader(file))) == 8
     markdown = (sweep_dir / "results.md").read_text()
     assert "| policy | budget | ppl | vs full |" in markdown
-    assert markdown.count("| full |") == 1 and markdown.count("| h2o |") == 2
+    tables, smallest = markdown.split("Smallest KV budget")
+    assert tables.count("| full |") == 1 and tables.count("| h2o |") == 2
+    assert "| streaming_ppl | tiny | h2o |" in smallest  # the smallest budget within 5% of full
     assert "closer to full than window" in markdown
     png = (sweep_dir / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

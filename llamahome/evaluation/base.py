@@ -168,3 +168,21 @@ class Stopwatch:
     def __exit__(self, *exc: object) -> None:
         """Stop timing and add the interval."""
         self.seconds += time.perf_counter() - self._start
+
+
+def flag(key: str, value: Any) -> bool:
+    """Validate a true/false config value; raise ConfigError naming ``key``."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be true or false.")
+    return value
+
+
+def depth_list(values: Any, key: str = "task.depths") -> list[float]:
+    """Validate needle depths: a non-empty list of fractions in [0, 1] (0 = start, 1 = end)."""
+    values = [values] if isinstance(values, int | float) else list(values or [])
+    if not values:
+        raise ConfigError(f"{key} is empty: give depths in [0, 1], e.g. [0.1, 0.5, 0.9].")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise ConfigError(f"{key} has {value!r}: depths are fractions in [0, 1].")
+    return [float(v) for v in values]

@@ -9,6 +9,10 @@ the same keys for every policy, so policies are compared on identical prompts.
 
 With eviction at prefill a cache can only answer if it kept the key's tokens: the first digit is
 predicted from the prefill (full attention), the following digits from the kept slots.
+
+``question_protected`` (default true, kvpress's protocol) prefills the instruction and filler
+through the cache and then feeds the question inside ``pinned(cache)``; false prefills the whole
+prompt at once (see ``protocol.py``).
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from llamahome.evaluation.base import (
     KVMeter,
     Outcome,
     Stopwatch,
-    generate_batch,
+    depth_list,
+    flag,
     int_list,
     positive_int,
     progress,
 )
+from llamahome.evaluation.protocol import answer, protocol_name, split_prompt
 
 INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
@@ -123,6 +129,8 @@ class Passkey:
         digits: Digits per key.
         batch_size: Prompts per generate() call (same length, so little padding).
         chat: Use the chat template (off: the prompt ends with "The pass key is", a completion).
+        question_protected: Compress the filler only and keep the question (kvpress's protocol);
+            false compresses the whole prompt.
         seed: Seeds the keys.
         show_progress: Progress bar over batches.
 
@@ -139,18 +147,20 @@ class Passkey:
         digits: int = 5,
         batch_size: int = 10,
         chat: bool = False,
+        question_protected: bool = True,
         seed: int = 0,
         show_progress: bool = True,
     ) -> None:
         self.name = name
         self.lengths = int_list("task.lengths", lengths, 16)
-        self.depths = _depths(depths)
+        self.depths = depth_list(depths)
         self.trials = positive_int("task.trials", trials)
         self.digits = positive_int("task.digits", digits)
         if self.digits > 18:
             raise ConfigError(f"task.digits={digits} must be <= 18.")
         self.batch_size = positive_int("task.batch_size", batch_size)
         self.chat = bool(chat)
+        self.question_protected = flag("task.question_protected", question_protected)
         self.seed = int(seed)
         self.show_progress = show_progress
 
@@ -167,20 +177,24 @@ class Passkey:
         batches = [trials[i : i + self.batch_size] for i in range(0, len(trials), self.batch_size)]
         for batch in progress(batches, len(batches), "passkey", self.show_progress):
             with watch:
-                answers, used = generate_batch(
+                answers, used = answer(
                     model,
                     tokenizer,
-                    [t.prompt for t in batch],
+                    [split_prompt(t.prompt, QUESTION) for t in batch],
                     cache_spec,
                     max_new,
                     self.chat,
+                    self.question_protected,
                     meter,
                 )
             tokens += used
-            for trial, answer in zip(batch, answers, strict=True):
+            for trial, reply in zip(batch, answers, strict=True):
                 cell = (trial.length, trial.depth)
-                correct[cell] = correct.get(cell, 0) + int(is_correct(answer, trial.key))
-        extras: dict[str, Any] = {"trials_per_cell": self.trials}
+                correct[cell] = correct.get(cell, 0) + int(is_correct(reply, trial.key))
+        extras: dict[str, Any] = {
+            "protocol": protocol_name(self.question_protected),
+            "trials_per_cell": self.trials,
+        }
         for length in self.lengths:
             hits = sum(correct.get((length, d), 0) for d in self.depths)
             extras[f"accuracy@{length}"] = hits / (self.trials * len(self.depths))
@@ -199,13 +213,3 @@ class Passkey:
             seconds=watch.seconds,
             evicted=meter.evicted,
         )
-
-
-def _depths(values: Any) -> list[float]:
-    values = [values] if isinstance(values, int | float) else list(values or [])
-    if not values:
-        raise ConfigError("task.depths is empty: give depths in [0, 1], e.g. [0.1, 0.5, 0.9].")
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-            raise ConfigError(f"task.depths has {value!r}: depths are fractions in [0, 1].")
-    return [float(v) for v in values]

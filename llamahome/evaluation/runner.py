@@ -38,11 +38,13 @@ def describe_budget(cache_spec: Any) -> tuple[str, float | None]:
 def identical_row(cfg: DictConfig, digest: str, task_name: str) -> dict[str, Any] | None:
     """In a sweep, a row another job already computed with the same effective config.
 
-    The full cache ignores ``cache.budget_ratio``, so ``cache=full`` in a budget sweep would run
-    the same evaluation once per budget; the later jobs copy the first one's row instead.
+    The full cache ignores ``cache.budget_ratio`` and evicts no question token, so ``cache=full``
+    in a budget (or protocol) sweep would run the same evaluation once per budget (protocol);
+    the later jobs copy the first one's row instead.
     """
     from hydra.core.hydra_config import HydraConfig
 
+    from llamahome.evaluation.protocol import protocol_name
     from llamahome.evaluation.results import JSONL, read_rows
 
     if not in_multirun():
@@ -59,6 +61,9 @@ def identical_row(cfg: DictConfig, digest: str, task_name: str) -> dict[str, Any
                 )
                 copy = dict(row)
                 copy["budget_ratio"] = OmegaConf.select(cfg, "cache.budget_ratio")
+                protected = OmegaConf.select(cfg, "task.question_protected")
+                if protected is not None:  # the full cache answers the same under both
+                    copy["protocol"] = protocol_name(bool(protected))
                 copy["overrides"] = job_overrides()
                 copy["reused_from"] = path.parent.name
                 return copy

@@ -9,7 +9,11 @@ import torch
 from llamahome.errors import CacheError
 from llamahome.kvcache.attention import attention_column_sums
 from llamahome.kvcache.budget import Budget
+from llamahome.kvcache.keydiff import KeyDiffLayer
+from llamahome.kvcache.knorm import KnormLayer
 from llamahome.kvcache.layers import INF, EvictingLayer, expand_heads
+from llamahome.kvcache.snapkv import SnapKVLayer
+from llamahome.kvcache.tova import TOVALayer
 
 
 class WindowLayer(EvictingLayer):
@@ -128,6 +132,10 @@ LAYER_TYPES: dict[str, type[EvictingLayer]] = {
     "window": WindowLayer,
     "sink": SinkLayer,
     "h2o": H2OLayer,
+    "keydiff": KeyDiffLayer,
+    "knorm": KnormLayer,
+    "tova": TOVALayer,
+    "snapkv": SnapKVLayer,
 }
 
 

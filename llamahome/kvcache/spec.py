@@ -43,7 +43,7 @@ from llamahome.kvcache.attention import (
 from llamahome.kvcache.budget import RATIO_BASES, Budget
 from llamahome.kvcache.policies import LAYER_TYPES, rope_inv_freq
 
-POLICIES = ("full", "window", "sink", "h2o")
+POLICIES = ("full", "window", "sink", "h2o", "keydiff", "knorm", "tova", "snapkv")
 DEFAULT_HEAVY_RATIO = 0.1
 DEFAULT_RECENT_RATIO = 0.1
 DEFAULT_SINK_TOKENS = 4
@@ -277,6 +277,9 @@ class CacheSpec:
             if self.recent_ratio is not None
             else DEFAULT_RECENT_RATIO,
         )
+
+    # keydiff, knorm, tova, snapkv take h2o's budget keys (tova and snapkv use the total only).
+    _resolve_keydiff = _resolve_knorm = _resolve_tova = _resolve_snapkv = _resolve_h2o
 
     # ---- building ------------------------------------------------------------------------
     def build(self, model_config: PretrainedConfig, seq_len: int | None = None) -> Cache:

@@ -1,0 +1,60 @@
+"""KeyDiff (``cache=keydiff``): evict the keys most similar to their head's mean key.
+
+Paper: Park et al., 2025, "KeyDiff: Key Similarity-Based KV Cache Eviction for Long-Context LLM
+Inference in Resource-Constrained Environments", arXiv 2504.15364 (kvpress: ``KeyDiffPress``).
+
+Rule, per layer and KV head: the *anchor* is the mean of the L2-normalised keys held (padding
+excluded); a key's score is minus its cosine similarity to the anchor. The recent window (the
+budget's recent part, as for h2o) is always kept; of the older keys, those with the highest score
+(the most distinctive) fill the rest of the budget. Applied at prefill over the prompt's keys, and
+at every decode step over the kept keys plus the new one (the anchor follows what is held).
+
+It needs no attention scores, so the attention stays plain SDPA (flash on GPU) with no scoring
+pass; the cost is one normalisation and one dot product per held key and step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llamahome.kvcache.layers import INF, EvictingLayer
+
+__all__ = ["KeyDiffLayer", "keydiff_scores"]
+
+
+def keydiff_scores(keys: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Minus the cosine similarity of each key to the mean normalised key of its head.
+
+    Args:
+        keys: (batch, kv_heads, n, head_dim).
+        valid: (batch, kv_heads, n) False for padding (left out of the anchor); None = all valid.
+
+    Returns:
+        float32 (batch, kv_heads, n); higher = more distinctive = kept first.
+    """
+    unit = F.normalize(keys.float(), p=2, dim=-1)
+    if valid is None:
+        anchor = unit.mean(dim=2, keepdim=True)
+    else:
+        weight = valid[..., None].to(unit.dtype)
+        anchor = (unit * weight).sum(dim=2, keepdim=True) / weight.sum(dim=2, keepdim=True).clamp(
+            min=1.0
+        )
+    anchor = F.normalize(anchor, p=2, dim=-1)
+    return -(unit * anchor).sum(dim=-1)
+
+
+class KeyDiffLayer(EvictingLayer):
+    """The recent window + the older keys least similar (cosine) to their head's mean key."""
+
+    policy = "keydiff"
+
+    def priority(self, work: dict[str, torch.Tensor], seen: int) -> torch.Tensor:
+        """Recent window first, then the KeyDiff score; padding last."""
+        _, _, recent = self.budget.sizes(seen)
+        valid = None if self._all_valid else work["valid"]
+        prio = keydiff_scores(work["keys"], valid)
+        if valid is not None:
+            prio = prio.masked_fill(~valid, -INF)
+        return prio.masked_fill(work["pos"] >= seen - recent, INF)

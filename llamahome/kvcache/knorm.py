@@ -1,0 +1,47 @@
+"""Knorm (``cache=knorm``): keep the keys of lowest L2 norm.
+
+Paper: Devoto et al., 2024, "A Simple and Effective L2 Norm-Based Strategy for KV Cache
+Compression", EMNLP 2024, arXiv 2406.11430 (kvpress: ``KnormPress``, score = minus the key norm).
+
+Rule, per layer and KV head: a key's score is minus its L2 norm (the paper finds low-norm keys
+draw high attention). The recent window (the budget's recent part, as for h2o) is always kept; of
+the older keys, the lowest-norm ones fill the rest of the budget. Applied at prefill and at every
+decode step. A key's norm never changes, so it is computed once when the key arrives and stored
+with the slot; no attention scores are needed (plain SDPA / flash).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llamahome.kvcache.layers import INF, EvictingLayer
+
+__all__ = ["KnormLayer"]
+
+
+class KnormLayer(EvictingLayer):
+    """The recent window + the older keys of lowest L2 norm."""
+
+    policy = "knorm"
+
+    def _new_meta(self, bsz, kv_heads, q, new_valid, position_ids, device):  # noqa: D102
+        meta: dict[str, Any] = super()._new_meta(bsz, kv_heads, q, new_valid, position_ids, device)
+        meta["score"] = 0.0  # filled with minus the key norm in finish()
+        return meta
+
+    def finish(self, scores: torch.Tensor | None) -> None:
+        """Store minus the new keys' norms, then evict down to the budget."""
+        work, n = self._work, self._n
+        # work["keys"] holds the live slots then the new ones (at prefill, the new ones only).
+        work["score"][:, :, n:] = work["keys"][:, :, n:].float().norm(dim=-1).neg_()
+        super().finish(None)
+
+    def priority(self, work: dict[str, torch.Tensor], seen: int) -> torch.Tensor:
+        """Recent window first, then minus the key norm; padding last."""
+        _, _, recent = self.budget.sizes(seen)
+        prio = work["score"]
+        if not self._all_valid:
+            prio = prio.masked_fill(~work["valid"], -INF)
+        return prio.masked_fill(work["pos"] >= seen - recent, INF)

@@ -1,0 +1,78 @@
+"""TOVA (``cache=tova``): evict the token the current query attends to least.
+
+Paper: Oren et al., 2024, "Transformers are Multi-State RNNs", arXiv 2401.06104 (Token Omission
+Via Attention; kvpress: ``TOVAPress``).
+
+Rule, per layer: the score of each held token is the attention probability the *current* (last)
+query gives it, averaged over all the layer's query heads, as TOVA does (so every KV head of a
+layer keeps the same tokens); scores are not accumulated. The tokens of lowest score are evicted
+down to the budget (only the total counts: TOVA has no recent window). The newest token is always
+kept, as in kvpress (its own attention is usually the highest anyway). Applied at prefill (scored
+by the last prompt token) and at every decode step (one eviction per token once full).
+
+The scores come from one extra (heads x held) row of logits per step, computed from the same
+rotated query and keys the attention used (``query_attention.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llamahome.kvcache.layers import INF, EvictingLayer
+from llamahome.kvcache.query_attention import last_query_probs
+
+__all__ = ["TOVALayer", "tova_scores"]
+
+
+def tova_scores(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of the last query, averaged over all heads, (batch, kv_heads, kv_len) float32."""
+    probs = last_query_probs(query, key, mask, rows=1)  # (b, heads, 1, L)
+    layer_mean = probs.mean(dim=(1, 2))  # (b, L)
+    return layer_mean[:, None, :].expand(key.shape[0], key.shape[1], key.shape[2])
+
+
+class TOVALayer(EvictingLayer):
+    """The tokens the current query attends to most (mean over heads), plus the newest."""
+
+    policy = "tova"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """See `EvictingLayer`."""
+        super().__init__(*args, **kwargs)
+        self._inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+
+    def _new_meta(self, bsz, kv_heads, q, new_valid, position_ids, device):  # noqa: D102
+        meta: dict[str, Any] = super()._new_meta(bsz, kv_heads, q, new_valid, position_ids, device)
+        meta["score"] = 0.0  # overwritten in finish() by this step's attention
+        return meta
+
+    def prepare(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """As `EvictingLayer.prepare`; also remember what the attention sees, to score with."""
+        self._inputs = super().prepare(query, key, attention_mask, position_ids)
+        return self._inputs
+
+    def finish(self, scores: torch.Tensor | None) -> None:
+        """Score every held token by the current query, then evict down to the budget."""
+        inputs, self._inputs = self._inputs, None
+        if inputs is not None:
+            self._work["score"].copy_(tova_scores(*inputs))
+        super().finish(None)
+
+    def priority(self, work: dict[str, torch.Tensor], seen: int) -> torch.Tensor:
+        """Rank the newest token first, then this step's attention; padding last."""
+        prio = work["score"]
+        if not self._all_valid:
+            prio = prio.masked_fill(~work["valid"], -INF)
+        return prio.masked_fill(work["pos"] == seen - 1, INF)
+
+    def reset(self) -> None:  # noqa: D102
+        super().reset()
+        self._inputs = None
