@@ -7,8 +7,8 @@ model loads, so they run in-process through the entry functions with the same ``
 wrapper as the CLI; rows that need the real command line (Hydra's own parsing, the run-dir
 guard) run as subprocesses, a handful only (each starts Python, torch and Hydra).
 
-Serve rows (HTTP requests against ``python -m llamahome.serve``) belong here too once serve
-exists: see ``SERVE_ROWS`` below.
+Serve rows (``SERVE_ROWS``) send bad HTTP requests to the real app (``build_server`` on a tiny
+model, its engine running) and expect an OpenAI-style error object with a 4xx status.
 """
 
 from __future__ import annotations
@@ -128,9 +128,29 @@ ROWS = [
      "/no/such/export"),
 ]
 
-# Requests against the OpenAI-compatible server, one row each, once serve exists:
-# (id, method, path, JSON body, HTTP status, phrase in the error message).
-SERVE_ROWS: list[tuple[str, str, str, dict, int, str]] = []
+# Requests against the OpenAI-compatible server, one row each:
+# (id, method, path, JSON body or raw bytes, HTTP status, phrase in the error message).
+_HI = [{"role": "user", "content": "Hi"}]
+SERVE_ROWS: list[tuple[str, str, str, dict | bytes, int, str]] = [
+    ("serve-malformed-json", "POST", "/v1/chat/completions", b"{not json", 400, "JSON"),
+    ("serve-empty-messages", "POST", "/v1/chat/completions",
+     {"model": "tiny", "messages": []}, 400, "messages"),
+    ("serve-unknown-model", "POST", "/v1/chat/completions",
+     {"model": "gpt-4", "messages": _HI}, 404, "gpt-4"),
+    ("serve-budget-too-big", "POST", "/v1/chat/completions",
+     {"model": "tiny", "messages": _HI, "kv_cache": {"policy": "h2o", "budget": 1.5}}, 400,
+     "budget"),
+    ("serve-unknown-policy", "POST", "/v1/chat/completions",
+     {"model": "tiny", "messages": _HI, "kv_cache": {"policy": "lru"}}, 400, "lru"),
+    ("serve-temperature", "POST", "/v1/chat/completions",
+     {"model": "tiny", "messages": _HI, "temperature": 3}, 400, "temperature"),
+    ("serve-max-tokens-zero", "POST", "/v1/completions",
+     {"model": "tiny", "prompt": "Hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("serve-prompt-too-long", "POST", "/v1/completions",
+     {"model": "tiny", "prompt": "word " * 3000, "max_tokens": 2}, 400, "context"),
+    ("serve-missing-prompt", "POST", "/v1/completions", {"model": "tiny"}, 400, "prompt"),
+    ("serve-wrong-key", "GET", "/v1/models", {}, 401, "API key"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -271,3 +291,48 @@ def test_cli_bad_input_is_one_clear_line(args, code, phrase, tmp_path) -> None:
     if code == 2:
         lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and phrase in lines[0], result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------ serve
+@pytest.fixture(scope="module")
+def serve_app(tmp_path_factory):
+    """The real app (FastAPI + the engine thread) on a tiny saved model, with a bearer token."""
+    from fastapi.testclient import TestClient
+
+    from llamahome import load_model
+    from llamahome.serve import build_server
+    from llamahome.utils.cli import model_argument
+
+    model_dir = tmp_path_factory.mktemp("serve-model")
+    model, tokenizer = load_model("tiny", attn_implementation="sdpa")
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    overrides = [
+        *model_argument(["serve", f"model={model_dir}"])[1:], "serve.model_name=tiny",
+        "print_config=false", "serve.api_key=sk-catalogue",
+    ]
+    cfg = compose("serve", overrides, tmp_path_factory.mktemp("serve-run"))
+    app, engine, _ = build_server(cfg)
+    with TestClient(app) as client:
+        yield client
+    engine.stop()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "phrase"),
+    [pytest.param(*r[1:], id=r[0]) for r in SERVE_ROWS],
+)
+def test_bad_request_is_an_openai_error(serve_app, method, path, body, status, phrase) -> None:
+    key = "sk-wrong" if status == 401 else "sk-catalogue"
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    if isinstance(body, bytes):
+        answer = serve_app.request(method, path, content=body, headers=headers)
+    else:
+        answer = serve_app.request(method, path, json=body or None, headers=headers)
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert phrase.lower() in error["message"].lower(), error
+    # The server survives every row: a good request still gets an answer.
+    ok = serve_app.get("/health")
+    assert ok.status_code == 200
