@@ -49,6 +49,7 @@ LLAMA3_2_1B = dict(
 # Dense bf16 peak FLOP/s by device name (no sparsity); Lightning's table covers more.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 SECTIONS = ("mfu", "decode", "fsdp", "qlora")
+DEVICE = "cuda"  # a variable so the logic can be dry-run on CPU
 
 
 def _first(*modules: str):
@@ -66,7 +67,7 @@ def _llama(dtype: torch.dtype = torch.bfloat16):
 
     torch.manual_seed(0)
     cfg = LlamaConfig(**LLAMA3_2_1B)
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         model = LlamaForCausalLM(cfg).to(dtype)
     model.config._attn_implementation_internal = "sdpa"
     return model
@@ -102,7 +103,7 @@ def check_mfu(steps: int = 10, batch: int = 4, seq: int = 2048) -> None:
     )
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(3, LLAMA3_2_1B["vocab_size"], (batch, seq), device="cuda")
+    ids = torch.randint(3, LLAMA3_2_1B["vocab_size"], (batch, seq), device=DEVICE)
 
     def step() -> None:
         loss = model(input_ids=ids, labels=ids).loss
@@ -149,7 +150,7 @@ def check_decode(lengths: list[int], new_tokens: int = 64) -> None:
     no_floor = {"min_tokens": 0} if "min_tokens" in names else {}
     model = _llama().eval()
     for length in lengths:
-        ids = torch.randint(3, LLAMA3_2_1B["vocab_size"], (1, length), device="cuda")
+        ids = torch.randint(3, LLAMA3_2_1B["vocab_size"], (1, length), device=DEVICE)
         for policy in ("full", "h2o"):
             model.config._attn_implementation_internal = "sdpa"  # h2o switches to hybrid
             cache = (
@@ -171,12 +172,12 @@ def check_decode(lengths: list[int], new_tokens: int = 64) -> None:
             ):
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
                 torch.cuda.synchronize()
                 t1 = time.perf_counter()
                 nxt = out.logits[:, -1:].argmax(-1)
                 for _ in range(new_tokens):
-                    out = model(nxt, past_key_values=cache, use_cache=True)
+                    out = model(nxt, cache=cache, use_cache=True)
                     nxt = out.logits[:, -1:].argmax(-1)
                 torch.cuda.synchronize()
                 t2 = time.perf_counter()
@@ -247,7 +248,7 @@ def check_qlora(steps: int = 5) -> None:
         model = ft.apply_finetuning(model, qlora)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    ids = torch.randint(3, 1024, (2, 256), device="cuda")
+    ids = torch.randint(3, 1024, (2, 256), device=DEVICE)
     losses = []
     for _ in range(steps):
         loss = model(input_ids=ids, labels=ids).loss
