@@ -10,6 +10,8 @@ streaming perplexity on the Python reference manual.
     python -m llamahome.eval model_path=outputs/train/runs/<time>/export task=summarization
     python -m llamahome.eval -m cache=full,h2o,window,sink cache.budget_ratio=0.1,0.2,0.5
     python -m llamahome.eval sweep=cache_budget                # the same sweep, as a config
+    python -m llamahome.eval task=ruler cache=h2o cache.budget_ratio=0.2  # RULER-style suite
+    python -m llamahome.eval task=niah cache=h2o               # + heatmap_*.png in the run dir
 
 A multirun also writes the sweep's aggregate (``results.{jsonl,csv,md,png}`` in the sweep dir,
 and W&B tables and plots with ``logger=wandb``): see ``llamahome/evaluation/report.py``.
@@ -157,6 +159,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         row = _run(cfg, spec, cache_spec, task, digest, start)
     write_rows([row], output_dir)
     _print_row(row, output_dir)
+    from llamahome.evaluation.heatmap import draw, file_name
+
+    if (png := draw(row, output_dir / file_name(row))) is not None:
+        print(f"[eval] depth x length heat-map: {png}", flush=True)
     if OmegaConf.select(cfg, "logger.wandb") is not None:
         _log_wandb(cfg, row)
     return row

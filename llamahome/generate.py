@@ -139,13 +139,14 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     model.eval()
     inputs = encode(tokenizer, prompt, cfg.get("chat_template", "auto"), cfg.get("system_prompt"))
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    cache = cache_spec.build(model.config)
+    prompt_tokens = int(inputs["input_ids"].shape[1])
+    # Ratio budgets are shares of the whole sequence: prompt + new tokens (H2O paper).
+    cache = cache_spec.build(model.config, seq_len=prompt_tokens + gen_kwargs["max_new_tokens"])
     streamer = (
         TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if cfg.stream else None
     )
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         gen_kwargs["pad_token_id"] = tokenizer.eos_token_id  # silences generate()'s warning
-    prompt_tokens = int(inputs["input_ids"].shape[1])
 
     start = time.perf_counter()
     with torch.no_grad():

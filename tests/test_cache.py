@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import Cache, DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from llamahome import make_cache
+from llamahome import make_cache as _make_cache
 from llamahome.core.attention import (
     HYBRID_ATTENTION,
     HYBRID_EAGER_ATTENTION,
@@ -21,6 +21,11 @@ from llamahome.errors import CacheError, ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "cache"
 POLICIES = ("full", "window", "sink", "h2o")
+
+
+def make_cache(policy, config, **kw):
+    """These tests measure the policies on short texts: no floor unless a test sets one."""
+    return _make_cache(policy, config, **{"min_tokens": 0, **kw})
 
 
 def tiny_config(**kw) -> LlamaConfig:
@@ -71,11 +76,11 @@ def _decode_logits(model, cache, ids, mask, steps=32):
 
 EXACT_BUDGETS = [
     ("window", {"window_length": 64}),
-    ("window", {"recent_ratio": 1.0}),
+    ("window", {"recent_ratio": 1.0, "ratio_basis": "running"}),
     ("sink", {"window_length": 64, "sink_tokens": 4}),
-    ("sink", {"budget_ratio": 1.0}),
+    ("sink", {"budget_ratio": 1.0, "seq_len": 14 + 32}),
     ("h2o", {"window_length": 64, "heavy_hitter_tokens": 20}),
-    ("h2o", {"heavy_ratio": 0.5, "recent_ratio": 0.5}),
+    ("h2o", {"heavy_ratio": 0.5, "recent_ratio": 0.5, "seq_len": 14 + 32}),
     ("h2o", {"window_length": 46, "heavy_hitter_tokens": 46}),
     ("h2o", {"window_length": 64, "position_rolling": True}),
 ]
@@ -207,6 +212,11 @@ BAD = [
     ({"policy": "full", "window_length": 8}, "cache.window_length"),
     ({"policy": "h2o", "window_length": "big"}, "cache.window_length"),
     ({"policy": "h2o", "position_rolling": "yes"}, "cache.position_rolling"),
+    ({"policy": "h2o", "min_tokens": -1}, "cache.min_tokens"),
+    ({"policy": "window", "min_tokens": "lots"}, "cache.min_tokens"),
+    ({"policy": "h2o", "ratio_basis": "prefill"}, "cache.ratio_basis"),
+    ({"policy": "h2o", "heavy_ratio": 0.7, "recent_ratio": 0.6}, "cache.heavy_ratio"),
+    ({"policy": "h2o", "recent_ratio": 0.95}, "cache.recent_ratio"),
 ]
 
 
@@ -232,7 +242,8 @@ def test_hydra_configs_instantiate_validated_specs(model, policy):
     assert isinstance(spec.build(model.config), Cache)
     if policy != "full":
         swept = instantiate(OmegaConf.load(CONF / f"{policy}.yaml"), budget_ratio=0.5)
-        assert swept.budget.total(1000) == 500
+        assert swept.budget.total(1000) == 1000  # the floor (min_tokens: 1024) covers it
+        assert swept.budget.total(4000) == 2000
     bad = OmegaConf.load(CONF / f"{policy}.yaml")
     bad.window_length = 0
     # Hydra wraps what the target raises; the cause is our one-line ConfigError.

@@ -19,7 +19,12 @@ from llamahome.core.attention import (
     eager_column_sums,
     hybrid_attention_forward,
 )
-from llamahome.core.cache import make_cache
+from llamahome.core.cache import make_cache as _make_cache
+
+
+def make_cache(policy, config, **kw):
+    """The invariants are about the policies: no floor."""
+    return _make_cache(policy, config, **{"min_tokens": 0, **kw})
 
 DIM = 8
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)
@@ -109,7 +114,8 @@ def _check_common(drv: Driver, info: dict, budget_total: int, recent: int) -> No
 
 budgets = st.one_of(
     st.tuples(st.just("counts"), st.integers(1, 24), st.floats(0, 1)),
-    st.tuples(st.just("ratios"), st.floats(0.05, 1.0), st.floats(0.05, 1.0)),
+    st.tuples(st.just("ratios"), st.floats(0.05, 0.95), st.floats(0.05, 1.0)),
+    st.tuples(st.just("running"), st.floats(0.05, 0.95), st.floats(0.05, 1.0)),
 )
 
 
@@ -128,7 +134,9 @@ def test_h2o_invariants(budget, bsz, kv_heads, groups, prompt, steps, pad_frac):
     if mode == "counts":
         kw = {"window_length": a, "heavy_hitter_tokens": max(1, round(a * b))}
     else:
-        kw = {"heavy_ratio": a, "recent_ratio": b}
+        # heavy + recent <= 1 (a larger sum is rejected); both bases.
+        kw = {"heavy_ratio": a, "recent_ratio": b * (1 - a)}
+        kw["ratio_basis"] = "running" if mode == "running" else "sequence"
     cache = make_cache("h2o", _config(kv_heads, groups), **kw)
     pads = [int(f * prompt) for f in pad_frac[:bsz]]
     drv = Driver(cache, bsz, kv_heads, groups, pads)

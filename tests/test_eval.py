@@ -95,7 +95,7 @@ def test_budget_covering_the_text_equals_full(tiny, tiny_ids, tiny_full, budget)
 def test_eviction_holds_a_fifth_of_the_kv(tiny, tiny_ids, tiny_full, policy):
     model, full = tiny[0], tiny_full
     outcome = streaming_perplexity(
-        model, tiny_ids, CacheSpec(policy=policy, budget_ratio=0.2), prefix=16
+        model, tiny_ids, CacheSpec(policy=policy, budget_ratio=0.2, min_tokens=0), prefix=16
     )
     assert outcome.evicted and outcome.note == ""
     assert outcome.full_kv_bytes == full.kv_bytes
@@ -118,7 +118,7 @@ def test_short_text_file_scores_what_there_is(tiny, tmp_path):
     task = StreamingPerplexity(text_file=str(path), length=512, prefix=4, show_progress=False)
     ids = task.input_ids(tiny[1])
     assert ids.shape[0] == 1 and 4 < ids.shape[1] < 512
-    outcome = task.run(*tiny, CacheSpec(policy="h2o", budget_ratio=0.2))
+    outcome = task.run(*tiny, CacheSpec(policy="h2o", budget_ratio=0.2, min_tokens=0))
     assert math.isfinite(outcome.value) and outcome.extras["text"] == str(path)
 
 
@@ -154,15 +154,15 @@ def test_passkey_accuracy_is_counted_per_length_and_depth(tiny, monkeypatch):
     """An oracle that only finds keys at depth 0: the accounting must say exactly that."""
     from llamahome.evaluation.passkey import INTRO, NEEDLE
 
-    def oracle(model, tokenizer, prompts, cache_spec, max_new_tokens, chat, meter):
+    def oracle(model, tokenizer, prompts, cache_spec, max_new_tokens, chat, protected, meter):
         answers = []
-        for prompt in prompts:
+        for prompt in (p.context + p.question for p in prompts):
             key = prompt.split("The pass key is ")[1][:5]
             first = prompt.index(NEEDLE.format(key=key)) == len(INTRO) + 1  # depth 0
             answers.append(f" {key}." if first else " 11111.")
         return answers, 10 * len(prompts)
 
-    monkeypatch.setattr(passkey_module, "generate_batch", oracle)
+    monkeypatch.setattr(passkey_module, "answer", oracle)
     task = Passkey(
         lengths=[256, 384], depths=[0.0, 0.5, 1.0], trials=4, batch_size=3, show_progress=False
     )
@@ -176,7 +176,7 @@ def test_passkey_accuracy_is_counted_per_length_and_depth(tiny, monkeypatch):
 
 def test_passkey_runs_the_model_with_the_cache(tiny):
     task = Passkey(lengths=[64], depths=[0.5], trials=2, show_progress=False)
-    outcome = task.run(*tiny, CacheSpec(policy="h2o", budget_ratio=0.2))
+    outcome = task.run(*tiny, CacheSpec(policy="h2o", budget_ratio=0.2, min_tokens=0))
     assert 0.0 <= outcome.value <= 1.0 and outcome.evicted
     assert 0 < outcome.kv_bytes < outcome.full_kv_bytes and outcome.tokens > 2 * 64
 
@@ -199,7 +199,7 @@ def test_summary_fixture_and_rouge():
 
 def test_summarization_runs_with_the_cache(tiny):
     task = Summarization(max_samples=2, max_new_tokens=4, batch_size=2, show_progress=False)
-    outcome = task.run(*tiny, CacheSpec(policy="window", budget_ratio=0.5))
+    outcome = task.run(*tiny, CacheSpec(policy="window", budget_ratio=0.5, min_tokens=0))
     assert outcome.metric == "rougeL" and 0.0 <= outcome.value <= 1.0
     assert {"rouge1", "rouge2", "rougeL"} <= set(outcome.extras) and outcome.extras[
         "documents"
@@ -287,7 +287,10 @@ def test_evaluates_a_training_export(compose_eval, tiny, tmp_path):
     row = evaluate(compose_eval(f"model_path={run_dir}", "task.length=40", "task.prefix=8"))
     assert row["model"] == "train_run/export" and math.isfinite(row["value"])
     direct = streaming_perplexity(
-        tiny[0], token_segments(tiny[1], default_text(), 40, 1), CacheSpec(policy="h2o"), 8
+        tiny[0],
+        token_segments(tiny[1], default_text(), 40, 1),
+        CacheSpec(policy="h2o", min_tokens=0),
+        8,
     )
     assert row["value"] == pytest.approx(direct.value, rel=1e-4)
 

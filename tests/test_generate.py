@@ -29,16 +29,17 @@ def test_defaults_are_smollm2_and_h2o(compose_generate):
     assert cfg.chat_template == "auto" and cfg.stream is True
 
 
-@pytest.mark.parametrize("policy", ["h2o", "full"])
-def test_streams_and_summarises(compose_generate, capsys, policy):
-    result = generate(compose_generate(f"cache={policy}"))
+@pytest.mark.parametrize(("policy", "floor"), [("h2o", 0), ("h2o", 1024), ("full", 1024)])
+def test_streams_and_summarises(compose_generate, capsys, policy, floor):
+    result = generate(compose_generate(f"cache={policy}", f"cache.min_tokens={floor}"))
     out = capsys.readouterr().out
     assert result["policy"] == policy and 1 <= result["new_tokens"] <= 6
     assert result["text"].strip() and result["text"].strip()[:10] in out  # streamed
     summary = out.strip().splitlines()[-1]
     assert summary.startswith("[generate] prompt ") and f"cache={policy}" in summary
     assert "tok/s" in summary and "MiB held vs" in summary
-    if policy == "full":
+    if policy == "full" or floor:
+        # The default floor: a short prompt is never evicted (exactly the full cache).
         assert result["kv_bytes"] == result["full_kv_bytes"]
     else:
         assert result["kv_bytes"] < result["full_kv_bytes"]

@@ -9,14 +9,26 @@ Budgets, two ways (see docs/h2o.md):
 
 * llama-recipes counts: ``window_length`` (total kept) and ``heavy_hitter_tokens`` (h2o),
   ``sink_tokens`` (sink);
-* H2O-paper ratios of the current length: ``heavy_ratio`` + ``recent_ratio`` (default 0.1 + 0.1),
-  or the sweep shorthand ``budget_ratio`` (h2o: half heavy, half recent; window: all recent;
-  sink: ``sink_tokens`` + the rest recent).
+* H2O-paper ratios: ``heavy_ratio`` + ``recent_ratio`` (default 0.1 + 0.1), or the sweep
+  shorthand ``budget_ratio`` (h2o: half heavy, half recent; window: all recent; sink:
+  ``sink_tokens`` + the rest recent). ``ratio_basis="sequence"`` (default, the paper's code):
+  ``int(ratio * L)`` fixed once, L = ``seq_len`` given to ``build`` / ``make_cache`` (generation:
+  prompt + max_new_tokens; eval: the scored length), else the prefill's length;
+  ``ratio_basis="running"``: a share of the tokens seen so far.
+
+Every policy has a floor, ``min_tokens`` (default 1024): a cache keeps max(budget, min_tokens)
+tokens, so it never evicts while it holds no more than that, and a short chat turn is exactly the
+full cache's output. Benchmarks and eval tasks that measure a policy set ``min_tokens=0``.
+
+``with pinned(cache): model(question_ids, cache=cache)`` protects the tokens appended inside the
+block: they are never evicted and are held on top of the budget (the question-protected protocol).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from transformers import Cache, DynamicCache, PretrainedConfig
@@ -27,7 +39,7 @@ from llamahome.core.attention import (
     HYBRID_IMPLEMENTATIONS,
     register_hybrid_attention,
 )
-from llamahome.core.cache_budget import Budget
+from llamahome.core.cache_budget import RATIO_BASES, Budget
 from llamahome.core.cache_policies import LAYER_TYPES, rope_inv_freq
 from llamahome.errors import CacheError, ConfigError
 
@@ -35,6 +47,7 @@ POLICIES = ("full", "window", "sink", "h2o", "keydiff", "knorm", "tova", "snapkv
 DEFAULT_HEAVY_RATIO = 0.1
 DEFAULT_RECENT_RATIO = 0.1
 DEFAULT_SINK_TOKENS = 4
+DEFAULT_MIN_TOKENS = 1024
 # Attention implementations a cache may switch to their hybrid twin (same output).
 _SAME_NUMERICS = {"sdpa": HYBRID_ATTENTION, "eager": HYBRID_EAGER_ATTENTION}
 
@@ -47,6 +60,7 @@ __all__ = [
     "full_kv_bytes",
     "kv_bytes",
     "make_cache",
+    "pinned",
 ]
 
 
@@ -93,8 +107,8 @@ def _ratio(key: str, value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise CacheBudgetError(
-            f"cache.{key}={value!r} must be a ratio in (0, 1] of the current length "
-            "(0.1 = 10% of the tokens seen)."
+            f"cache.{key}={value!r} must be a ratio in (0, 1] of the sequence length "
+            "(0.1 = 10% of the tokens)."
         )
     return float(value)
 
@@ -107,12 +121,16 @@ class CacheSpec:
         policy: full, window, sink or h2o.
         window_length: Total tokens kept (counts mode; llama-recipes' ``window_length``).
         heavy_hitter_tokens: Heavy hitters among them (h2o; default half of window_length).
-        heavy_ratio: Heavy-hitter share of the current length (h2o; default 0.1).
-        recent_ratio: Recent-window share of the current length (h2o: default 0.1; window).
+        heavy_ratio: Heavy-hitter share of the length (h2o; default 0.1).
+        recent_ratio: Recent-window share of the length (h2o: default 0.1; window).
         sink_tokens: Attention-sink tokens kept forever (sink; default 4).
-        budget_ratio: Total share of the current length, split per policy (sweep shorthand).
+        budget_ratio: Total share of the length, split per policy (sweep shorthand).
         position_rolling: Re-rotate kept keys to their slot rank (llama-recipes'
             ``enable_position_rolling``).
+        min_tokens: The floor: never evict while holding <= this many tokens; the cache holds
+            max(budget, min_tokens). 0 = no floor (what eval and benchmarks use).
+        ratio_basis: ``sequence`` (ratios of the sequence length L, fixed once: the paper) or
+            ``running`` (ratios of the tokens seen so far).
 
     Raises:
         CacheBudgetError: On construction, naming the first bad ``cache.<key>``.
@@ -126,6 +144,8 @@ class CacheSpec:
     sink_tokens: int | None = None
     budget_ratio: float | None = None
     position_rolling: bool = False
+    min_tokens: int = DEFAULT_MIN_TOKENS
+    ratio_basis: str = "sequence"
 
     def __post_init__(self) -> None:
         """Validate every key and resolve the budget."""
@@ -143,7 +163,27 @@ class CacheSpec:
         self.heavy_ratio = _ratio("heavy_ratio", self.heavy_ratio)
         self.recent_ratio = _ratio("recent_ratio", self.recent_ratio)
         self.budget_ratio = _ratio("budget_ratio", self.budget_ratio)
-        self.budget: Budget | None = getattr(self, f"_resolve_{self.policy}")()
+        self.min_tokens = _integer("min_tokens", self.min_tokens, 0)
+        if self.min_tokens is None:
+            raise CacheBudgetError("cache.min_tokens=null: give an integer >= 0 (0 = no floor).")
+        if self.ratio_basis not in RATIO_BASES:
+            raise CacheBudgetError(
+                f"cache.ratio_basis={self.ratio_basis!r} is unknown: choose sequence (a share of "
+                "the sequence length, fixed once: the H2O paper) or running (of the tokens seen)."
+            )
+        if self.heavy_ratio is not None or self.recent_ratio is not None:
+            heavy = self.heavy_ratio if self.heavy_ratio is not None else DEFAULT_HEAVY_RATIO
+            recent = self.recent_ratio if self.recent_ratio is not None else DEFAULT_RECENT_RATIO
+            if self.policy == "h2o" and heavy + recent > 1 + 1e-9:
+                key = "heavy_ratio" if self.heavy_ratio is not None else "recent_ratio"
+                raise CacheBudgetError(
+                    f"cache.{key}: cache.heavy_ratio + cache.recent_ratio = {heavy + recent:g} "
+                    "exceeds 1 (the whole sequence); lower one of them."
+                )
+        budget = getattr(self, f"_resolve_{self.policy}")()
+        if budget is not None:
+            budget = replace(budget, floor=self.min_tokens, basis=self.ratio_basis)
+        self.budget: Budget | None = budget
 
     # ---- one resolver per policy -------------------------------------------------------------
     def _given(self, *keys: str) -> list[str]:
@@ -242,25 +282,39 @@ class CacheSpec:
     _resolve_keydiff = _resolve_knorm = _resolve_tova = _resolve_snapkv = _resolve_h2o
 
     # ---- building ------------------------------------------------------------------------
-    def build(self, model_config: PretrainedConfig) -> Cache:
+    def build(self, model_config: PretrainedConfig, seq_len: int | None = None) -> Cache:
         """Make an empty cache for a model with `model_config`.
 
         Args:
             model_config: The model's config (``model.config``).
+            seq_len: The sequence length L that ratio budgets are shares of (generation: prompt
+                + max_new_tokens; eval: the scored length). None: the first update's length.
 
         Returns:
             A `FullCache` (policy full) or a `PolicyCache` with one evicting layer per layer.
 
         Raises:
+            CacheError: If `model_config` is not a model config, or `seq_len` is not >= 1.
             CacheBudgetError: If the model uses an attention that cannot feed the eviction.
         """
+        if not hasattr(model_config, "get_text_config"):
+            raise CacheError(
+                f"cache.policy={self.policy}: the model config is {type(model_config).__name__}, "
+                "not a transformers config: pass model.config to make_cache / CacheSpec.build."
+            )
+        if seq_len is not None and (
+            isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1
+        ):
+            raise CacheError(f"seq_len={seq_len!r} must be an integer >= 1 (or None).")
         if self.policy == "full":
             return FullCache(config=model_config)
         _use_hybrid_attention(model_config, self.policy)
         text = model_config.get_text_config(decoder=True)
         inv_freq = rope_inv_freq(text) if self.position_rolling else None
         layer_cls = LAYER_TYPES[self.policy]
-        layers = [layer_cls(self.budget, inv_freq) for _ in range(text.num_hidden_layers)]
+        # One Budget per cache, shared by its layers: L is fixed once for the whole sequence.
+        budget = self.budget.for_cache(seq_len)
+        layers = [layer_cls(budget, inv_freq) for _ in range(text.num_hidden_layers)]
         return PolicyCache(layers, self.policy)
 
 
@@ -281,14 +335,19 @@ def _use_hybrid_attention(config: PretrainedConfig, policy: str) -> None:
     )
 
 
-def make_cache(policy: str, config: PretrainedConfig, **budget: Any) -> Cache:
+def make_cache(
+    policy: str, config: PretrainedConfig, *, seq_len: int | None = None, **budget: Any
+) -> Cache:
     """Make a KV cache with eviction policy `policy` for a model with `config`.
 
     Args:
-        policy: full, window, sink or h2o.
+        policy: full, window, sink or h2o (see `POLICIES`).
         config: The model config (``model.config``).
+        seq_len: The sequence length ratio budgets are shares of (prompt + max_new_tokens);
+            None: the prefill's length.
         **budget: window_length, heavy_hitter_tokens, heavy_ratio, recent_ratio, sink_tokens,
-            budget_ratio, position_rolling (alias: enable_position_rolling).
+            budget_ratio, position_rolling (alias: enable_position_rolling), min_tokens,
+            ratio_basis.
 
     Returns:
         A `transformers.Cache`. ``cache.layers[i].keys`` / ``.values`` are the kept states
@@ -298,8 +357,8 @@ def make_cache(policy: str, config: PretrainedConfig, **budget: Any) -> Cache:
         CacheBudgetError: For an unknown policy or key, or a bad budget (names the key).
 
     Example:
-        >>> cache = make_cache("h2o", model.config, heavy_ratio=0.1, recent_ratio=0.1)
-        >>> model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+        >>> cache = make_cache("h2o", model.config, budget_ratio=0.2, seq_len=n_prompt + 64)
+        >>> model.generate(**inputs, cache=cache, max_new_tokens=64)
     """
     if "enable_position_rolling" in budget:
         budget["position_rolling"] = budget.pop("enable_position_rolling")
@@ -309,7 +368,30 @@ def make_cache(policy: str, config: PretrainedConfig, **budget: Any) -> Cache:
             raise CacheBudgetError(
                 f"cache.{key} is not a cache setting: use one of {', '.join(sorted(known))}."
             )
-    return CacheSpec(policy=policy, **budget).build(config)
+    return CacheSpec(policy=policy, **budget).build(config, seq_len=seq_len)
+
+
+@contextmanager
+def pinned(cache: Cache) -> Iterator[Cache]:
+    """Protect the tokens appended to `cache` inside the block: they are never evicted.
+
+    They are held on top of the budget. This is the question-protected protocol: compress the
+    context, then ``with pinned(cache): model(question_ids, cache=cache)``.
+
+    Args:
+        cache: A cache from `make_cache` / `CacheSpec.build` (a full cache is left as is).
+
+    Yields:
+        The same cache.
+    """
+    layers = [layer for layer in getattr(cache, "layers", ()) if hasattr(layer, "_pinning")]
+    for layer in layers:
+        layer._pinning = True
+    try:
+        yield cache
+    finally:
+        for layer in layers:
+            layer._pinning = False
 
 
 def kv_bytes(cache: Cache) -> int:

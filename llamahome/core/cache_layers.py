@@ -38,6 +38,7 @@ META_DTYPES = {
     "score": torch.float32,
     "sink": torch.bool,
     "rope": torch.long,
+    "pin": torch.bool,
 }
 
 
@@ -96,6 +97,8 @@ class EvictingLayer(DynamicLayer):
         self._q = 0
         self._awaiting = False
         self._all_valid = True
+        self._pinning = False  # inside a `pinned(cache)` block: new tokens are never evicted
+        self._pinned = 0  # pinned slots held (equal for every row and head)
 
     # ---- what transformers reads -------------------------------------------------------
     @property
@@ -186,7 +189,16 @@ class EvictingLayer(DynamicLayer):
         self._awaiting = True
         q, n = key_states.shape[-2], self._n
         self._q = q
+        if self.cumulative_length == 0:
+            self.budget.fix(q)  # ratio basis "sequence" without seq_len: L = the prefill
         self._seen_before = self.cumulative_length
+        if self._pinning:
+            self._pinned += q
+            if self._state and "pin" not in self._state:
+                keys = self._state["keys"]
+                self._state["pin"] = torch.zeros(
+                    keys.shape[:3], dtype=torch.bool, device=keys.device
+                )
         self.cumulative_length += q
         if n == 0:
             # Prefill: attend to the new states directly; `finish` stores what is kept.
@@ -236,7 +248,8 @@ class EvictingLayer(DynamicLayer):
         if scores is not None:
             work["score"] += scores
         seen = self.cumulative_length
-        target = self.budget.total(seen)
+        # Pinned tokens are held on top of the budget, which counts the other tokens only.
+        target = self.budget.total(seen - self._pinned) + self._pinned
         length = n + q
         if target >= length:
             if self._in_buffer:
@@ -245,7 +258,7 @@ class EvictingLayer(DynamicLayer):
                 self._store(work, torch.arange(length, device=work["pos"].device), length)
         elif self._in_buffer and q == 1 and target == n:
             # The usual decode step: one token in, one out. Move the new slot into the victim's.
-            victim = self.priority(work, seen).argmin(dim=-1)  # (b, kvh)
+            victim = self._keep_priority(work, seen).argmin(dim=-1)  # (b, kvh)
             index = self._slot_base() + victim.view(-1)
             for name, buf in self._state.items():
                 if name == "valid" and self._all_valid:
@@ -255,13 +268,22 @@ class EvictingLayer(DynamicLayer):
                 src = buf[:, :, n].clone(memory_format=torch.contiguous_format)
                 buf.view(-1, *buf.shape[3:]).index_copy_(0, index, src.view(-1, *buf.shape[3:]))
         else:
-            keep = self.priority(work, seen).topk(target, dim=-1, sorted=False).indices
+            keep = self._keep_priority(work, seen).topk(target, dim=-1, sorted=False).indices
             self._store(work, keep.sort(dim=-1).values, target)
         if not self._all_valid:
             self._all_valid = bool(self._state["valid"][:, :, : self._n].all())
         self._work = {}
 
     # ---- policy hooks ----------------------------------------------------------------------
+    def _keep_priority(self, work: dict[str, torch.Tensor], seen: int) -> torch.Tensor:
+        """`priority`, with pinned slots above everything (they are never evicted)."""
+        prio = self.priority(work, seen)
+        pin = work.get("pin")
+        if pin is not None:
+            top = INF if prio.is_floating_point() else torch.iinfo(prio.dtype).max
+            prio = prio.masked_fill(pin, top)
+        return prio
+
     def priority(self, work: dict[str, torch.Tensor], seen: int) -> torch.Tensor:
         """Keep-priority of each working slot, (batch, kv_heads, slots); higher is kept."""
         raise NotImplementedError
@@ -283,6 +305,8 @@ class EvictingLayer(DynamicLayer):
             pos = torch.arange(self._seen_before, self._seen_before + q, device=device)
             meta["pos"] = pos[None, None, :].expand(bsz, kv_heads, q)
         meta["valid"] = True if new_valid is None else expand_heads(new_valid, kv_heads)
+        if self._pinning or "pin" in self._state:
+            meta["pin"] = self._pinning
         if self.inv_freq is not None:
             if position_ids is None:
                 position_ids = torch.arange(
@@ -309,7 +333,8 @@ class EvictingLayer(DynamicLayer):
     def _capacity_for(self, slots: int) -> int:
         cap = slots + self._slack(slots)
         if self.budget.max_total is not None:
-            cap = min(cap, self.budget.max_total + 1)  # +1: room for the decode token
+            # +1: room for the decode token.
+            cap = min(cap, self.budget.max_total + self._pinned + 1)
         return max(cap, slots)
 
     def _ensure_capacity(self, slots: int) -> None:
@@ -386,6 +411,8 @@ class EvictingLayer(DynamicLayer):
         self._state, self._work = {}, {}
         self._n = self.cumulative_length = 0
         self._awaiting, self._all_valid = False, True
+        self._pinned = 0
+        self.budget.reset()
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -432,6 +459,8 @@ class EvictingLayer(DynamicLayer):
         work = {name: buf[:, :, : self._n] for name, buf in self._state.items()}
         self._store(work, index.sort(dim=-1).values, count)
         self.cumulative_length = new_seen
+        if "pin" in self._state:
+            self._pinned = int(self._state["pin"][0, 0, :count].sum())
 
 
 def _new_token_validity(mask: torch.Tensor | None, q: int, bsz: int) -> torch.Tensor | None:

@@ -61,7 +61,9 @@ def generate_text(
         device = next(model.parameters()).device
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
         if cache_spec is not None:
-            generate_kwargs[cache_kwarg()] = cache_spec.build(model.config)
+            # Ratio budgets are shares of the whole sequence: prompt + new tokens (H2O paper).
+            seq_len = int(enc["input_ids"].shape[1]) + max_new_tokens
+            generate_kwargs[cache_kwarg()] = cache_spec.build(model.config, seq_len=seq_len)
         generate_kwargs.setdefault("do_sample", False)
         out = model.generate(
             **enc,

@@ -138,7 +138,8 @@ def generate_batch(
         tokenizer.padding_side = side
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
-    cache = cache_spec.build(model.config)
+    # Ratio budgets are shares of the sequence: the (padded) prompt + the new tokens.
+    cache = cache_spec.build(model.config, seq_len=int(enc["input_ids"].shape[1]) + max_new_tokens)
     out = model.generate(
         **enc,
         max_new_tokens=max_new_tokens,

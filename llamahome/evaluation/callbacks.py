@@ -8,6 +8,7 @@ forward pass. Generated samples with the same cache come from the existing
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -67,6 +68,9 @@ class StreamingPerplexityCallback(Callback):
         if self._ids is None:  # tokenize once per fit
             self._ids = self.task.input_ids(pl_module.tokenizer)
         spec = pl_module.cache_spec or CacheSpec()
+        if spec.min_tokens:
+            # This measures the policy itself: no floor, or a short text is never evicted.
+            spec = dataclasses.replace(spec, min_tokens=0)
         outcome = streaming_perplexity(
             pl_module.model, self._ids, spec, min(self.task.prefix, self._ids.shape[1] - 1)
         )

@@ -115,7 +115,8 @@ def generate_answers(
                 mask[row, width - len(prompt) :] = 1
             kwargs: dict[str, Any] = dict(generate_kwargs)
             if cache_spec is not None:
-                kwargs[cache_kwarg()] = cache_spec.build(model.config)
+                seq_len = width + max_new_tokens  # ratio budgets: shares of the sequence
+                kwargs[cache_kwarg()] = cache_spec.build(model.config, seq_len=seq_len)
             out = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),

@@ -9,6 +9,10 @@ the same keys for every policy, so policies are compared on identical prompts.
 
 With eviction at prefill a cache can only answer if it kept the key's tokens: the first digit is
 predicted from the prefill (full attention), the following digits from the kept slots.
+
+``question_protected`` (default true, kvpress's protocol) prefills the instruction and filler
+through the cache and then feeds the question inside ``pinned(cache)``; false prefills the whole
+prompt at once (see ``protocol.py``).
 """
 
 from __future__ import annotations
@@ -24,11 +28,11 @@ from llamahome.evaluation.base import (
     KVMeter,
     Outcome,
     Stopwatch,
-    generate_batch,
     int_list,
     positive_int,
     progress,
 )
+from llamahome.evaluation.protocol import answer, protocol_name, split_prompt
 
 INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
@@ -123,6 +127,8 @@ class Passkey:
         digits: Digits per key.
         batch_size: Prompts per generate() call (same length, so little padding).
         chat: Use the chat template (off: the prompt ends with "The pass key is", a completion).
+        question_protected: Compress the filler only and keep the question (kvpress's protocol);
+            false compresses the whole prompt.
         seed: Seeds the keys.
         show_progress: Progress bar over batches.
 
@@ -139,6 +145,7 @@ class Passkey:
         digits: int = 5,
         batch_size: int = 10,
         chat: bool = False,
+        question_protected: bool = True,
         seed: int = 0,
         show_progress: bool = True,
     ) -> None:
@@ -151,6 +158,11 @@ class Passkey:
             raise ConfigError(f"task.digits={digits} must be <= 18.")
         self.batch_size = positive_int("task.batch_size", batch_size)
         self.chat = bool(chat)
+        if not isinstance(question_protected, bool):
+            raise ConfigError(
+                f"task.question_protected={question_protected!r} must be true or false."
+            )
+        self.question_protected = question_protected
         self.seed = int(seed)
         self.show_progress = show_progress
 
@@ -167,20 +179,24 @@ class Passkey:
         batches = [trials[i : i + self.batch_size] for i in range(0, len(trials), self.batch_size)]
         for batch in progress(batches, len(batches), "passkey", self.show_progress):
             with watch:
-                answers, used = generate_batch(
+                answers, used = answer(
                     model,
                     tokenizer,
-                    [t.prompt for t in batch],
+                    [split_prompt(t.prompt, QUESTION) for t in batch],
                     cache_spec,
                     max_new,
                     self.chat,
+                    self.question_protected,
                     meter,
                 )
             tokens += used
-            for trial, answer in zip(batch, answers, strict=True):
+            for trial, reply in zip(batch, answers, strict=True):
                 cell = (trial.length, trial.depth)
-                correct[cell] = correct.get(cell, 0) + int(is_correct(answer, trial.key))
-        extras: dict[str, Any] = {"trials_per_cell": self.trials}
+                correct[cell] = correct.get(cell, 0) + int(is_correct(reply, trial.key))
+        extras: dict[str, Any] = {
+            "protocol": protocol_name(self.question_protected),
+            "trials_per_cell": self.trials,
+        }
         for length in self.lengths:
             hits = sum(correct.get((length, d), 0) for d in self.depths)
             extras[f"accuracy@{length}"] = hits / (self.trials * len(self.depths))

@@ -10,6 +10,13 @@ writes, into the sweep directory:
   the full cache h2o closes;
 * ``results.png``: quality against KV budget, one line per policy, the full cache as a
   horizontal line (one panel per task);
+* per task and policy, the smallest budget that stays within 5% of the full cache (a table in
+  ``results.md``, printed too);
+* ``heatmap_<task>_<protocol>_<policy>_<budget>.png`` for rows with a depth x length grid
+  (``task=niah``, ``task=passkey``).
+
+Question tasks are tabled once per protocol (``passkey [question protected]``,
+``passkey [question compressed]``).
 * with ``logger=wandb``, one W&B run (``job_type=eval-sweep``, in the jobs' group) with the
   table, a line plot per task and the PNG.
 
@@ -29,7 +36,15 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from llamahome.evaluation.results import POLICY_ORDER, collect_rows, sort_rows, write_rows
+from llamahome.evaluation.results import (
+    POLICY_ORDER,
+    collect_rows,
+    labelled,
+    min_budget_table,
+    min_budgets,
+    sort_rows,
+    write_rows,
+)
 
 log = logging.getLogger("llamahome.eval")
 
@@ -112,8 +127,8 @@ def gap_closed(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Render the sweep as markdown: one table per task, then the h2o-vs-window lines."""
-    rows = distinct(sort_rows(rows))
+    """Render the sweep as markdown: a table per task, the h2o-vs-window lines, min budgets."""
+    rows = distinct(sort_rows(labelled(rows)))
     full = full_values(rows)
     lines: list[str] = []
     for task in dict.fromkeys(r["task"] for r in rows):
@@ -159,6 +174,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
                 text += " (sink beats h2o here)" if c["sink_beats_h2o"] else ""
             lines.append(text)
         lines.append("")
+    lines += min_budget_table(rows)
     return "\n".join(lines)
 
 
@@ -178,7 +194,7 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str | None 
     matplotlib.use("Agg")  # no display on servers and in tests
     import matplotlib.pyplot as plt
 
-    rows = sort_rows(rows)
+    rows = sort_rows(labelled(rows))
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     fig, axes = plt.subplots(
         1, max(1, len(tasks)), figsize=(5.5 * max(1, len(tasks)), 4), squeeze=False
@@ -239,14 +255,21 @@ def write_report(
     markdown = sweep_dir / MARKDOWN
     markdown.write_text(markdown_table(rows), encoding="utf-8")
     png = plot(rows, sweep_dir / PLOT)
-    return {"jsonl": jsonl, "csv": table, "markdown": markdown, "plot": png}
+    paths = {"jsonl": jsonl, "csv": table, "markdown": markdown, "plot": png}
+    from llamahome.evaluation.heatmap import draw, file_name
+
+    for row in distinct(rows):
+        name = file_name(row)
+        if (drawn := draw(row, sweep_dir / name)) is not None:
+            paths[name] = drawn
+    return paths
 
 
 def log_wandb_rows(run: Any, rows: Sequence[Mapping[str, Any]], png: Path | None = None) -> None:
     """Log rows to a W&B run: a table, a line plot per task (metric vs budget), the PNG."""
     import wandb
 
-    rows = sort_rows(rows)
+    rows = sort_rows(labelled(rows))
     columns = [
         "task",
         "metric",
@@ -326,6 +349,23 @@ class SweepReport(Callback):
         for line in markdown_table(rows).splitlines():
             if line.startswith("- "):  # the h2o vs full / window lines
                 print(line[2:], flush=True)
+        smallest = min_budgets(rows)
+        if smallest:
+            print_table(
+                "Smallest budget within 5% of full",
+                [
+                    {
+                        "task": r["task"],
+                        "policy": r["policy"],
+                        "smallest budget": "none"
+                        if r["min_budget"] is None
+                        else f"{r['min_budget']:.0%}",
+                        "value": r["value"],
+                        "full": r["full"],
+                    }
+                    for r in smallest
+                ],
+            )
         log.info("Eval sweep aggregate: %s, %s, %s", paths["csv"], paths["markdown"], paths["plot"])
         if OmegaConf.select(config, "logger.wandb") is not None:
             self._log_wandb(config, rows, paths["plot"], sweep_dir)
@@ -374,11 +414,18 @@ def _summary(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _extra_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Task metrics besides the headline one: passkey accuracy per length/depth, ROUGE-1/2/L."""
+    """Task metrics besides the headline: accuracy per length/depth, ROUGE-1/2/L, RULER recall."""
     keys = dict.fromkeys(k for r in rows for k in r)
     metric = rows[0].get("metric")
     rouge = ("rouge1", "rouge2", "rougeL")
-    return [k for k in keys if (k.startswith("accuracy@") or k in rouge) and k != metric]
+    cells = [k for k in keys if k.startswith("accuracy@") and "_d" in k]
+    wanted = [
+        k
+        for k in keys
+        if k.startswith("accuracy@") or k in rouge or (k.startswith("recall:") and "@" not in k)
+    ]
+    # A heat-map's cells (niah) are drawn as PNGs; the table keeps the per-length columns.
+    return [k for k in wanted if k != metric and not (len(cells) > 6 and k in cells)]
 
 
 def _finite(value: Any) -> bool:

@@ -11,7 +11,7 @@ import csv
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +156,122 @@ def _csv_value(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return "" if value is None else value
+
+
+# ---- protocols and the smallest budget within a tolerance of full -----------------------------
+
+PROTOCOL_LABELS = {
+    "question_protected": "question protected",
+    "question_compressed": "question compressed",
+}
+
+
+def task_label(row: Mapping[str, Any]) -> str:
+    """Return a row's task as tables show it, e.g. ``passkey [question protected]``."""
+    task = str(row.get("task"))
+    protocol = PROTOCOL_LABELS.get(str(row.get("protocol")))
+    return f"{task} [{protocol}]" if protocol and not task.endswith("]") else task
+
+
+def labelled(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Copy `rows` with a ``task`` that names the protocol too, so the two are tabled apart."""
+    return [{**row, "task": task_label(row)} for row in rows]
+
+
+def within(value: float, full: float, higher_is_better: bool, tolerance: float = 0.05) -> bool:
+    """Whether `value` is no more than `tolerance` (relative) worse than `full`.
+
+    Better than full always counts; with ``full == 0`` only ``value`` at least as good does.
+    """
+    slack = tolerance * abs(full)
+    return value >= full - slack if higher_is_better else value <= full + slack
+
+
+def min_budgets(rows: Iterable[Mapping[str, Any]], tolerance: float = 0.05) -> list[dict[str, Any]]:
+    """Per task, model and policy: the smallest budget from which it stays within 5% of full.
+
+    "Stays": the budget's value and the value at every larger budget measured are within
+    `tolerance` of the full cache's (the mean of the full rows of that task and model), so a
+    lucky small budget followed by a worse larger one does not count. Rows are grouped by
+    :func:`task_label` (each protocol apart); rows without ``budget_ratio`` (count budgets) are
+    left out.
+
+    Args:
+        rows: Result rows (a sweep's).
+        tolerance: Relative tolerance (0.05 = 5% of the full cache's value).
+
+    Returns:
+        One dict per (task, model, policy) with ``min_budget`` (None when even the largest budget
+        is further than `tolerance` from full), ``value`` there, ``full``, and ``budgets`` (the
+        budgets measured).
+    """
+    rows = [dict(r) for r in rows]
+    full: dict[tuple[str, str], list[float]] = {}
+    points: dict[tuple[str, str, str], dict[float, float]] = {}
+    higher: dict[str, bool] = {}
+    for row in rows:
+        value = row.get("value")
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            continue
+        task, model = task_label(row), str(row.get("model"))
+        higher[task] = bool(row.get("higher_is_better"))
+        if row.get("policy") == "full":
+            full.setdefault((task, model), []).append(float(value))
+        elif row.get("budget_ratio") is not None:
+            cell = points.setdefault((task, model, str(row.get("policy"))), {})
+            cell[float(row["budget_ratio"])] = float(value)
+    out = []
+    for (task, model, policy), values in points.items():
+        if (task, model) not in full:
+            continue
+        base = sum(full[(task, model)]) / len(full[(task, model)])
+        budgets = sorted(values)
+        smallest = None
+        for budget in reversed(budgets):
+            if not within(values[budget], base, higher[task], tolerance):
+                break
+            smallest = budget
+        out.append(
+            {
+                "task": task,
+                "model": model,
+                "policy": policy,
+                "min_budget": smallest,
+                "value": values[smallest] if smallest is not None else None,
+                "full": base,
+                "budgets": budgets,
+            }
+        )
+    rank = {p: i for i, p in enumerate(POLICY_ORDER)}
+    return sorted(
+        out, key=lambda r: (r["task"], r["model"], rank.get(r["policy"], 99), r["policy"])
+    )
+
+
+def min_budget_table(rows: Sequence[Mapping[str, Any]], tolerance: float = 0.05) -> list[str]:
+    """Markdown lines: per task and policy, the smallest budget that stays within 5% of full."""
+    found = min_budgets(rows, tolerance)
+    if not found:
+        return []
+    lines = [
+        f"Smallest KV budget that stays within {tolerance:.0%} of the full cache "
+        "(at that budget and every larger one measured):",
+        "",
+        "| task | model | policy | smallest budget | value there | full | budgets measured |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    for r in found:
+        budget = f"{r['min_budget']:.0%}" if r["min_budget"] is not None else "none"
+        measured = ", ".join(f"{b:.0%}" for b in r["budgets"])
+        lines.append(
+            f"| {r['task']} | {r['model']} | {r['policy']} | {budget} | {_num(r['value'])} "
+            f"| {_num(r['full'])} | {measured} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _num(value: Any) -> str:
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return "-"
+    return f"{float(value):.4g}"

@@ -161,7 +161,8 @@ def streaming_perplexity(
     model.eval()
     device = next(model.parameters()).device
     ids = input_ids.to(device)
-    cache = cache_spec.build(model.config)
+    # Ratio budgets are shares of the scored length (the H2O paper's sequence length).
+    cache = cache_spec.build(model.config, seq_len=total)
     kw = {cache_kwarg(): cache, "use_cache": True}
     watch = Stopwatch()
     nll = torch.zeros((), dtype=torch.float64, device=device)
