@@ -24,10 +24,12 @@ train: install
 	$(PY) -m llamahome.train $(ARGS)
 
 test: install
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q $(ARGS)
 
 lint: install
 	$(PY) -m ruff check llamahome tests scripts
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) outputs multirun

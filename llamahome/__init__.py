@@ -4,10 +4,27 @@ The public API is small on purpose::
 
     from llamahome import load_model, make_cache
     model, tokenizer = load_model("smollm2")
-    cache = make_cache("h2o", model.config, heavy_ratio=0.1, recent_ratio=0.1)
+    cache = make_cache("h2o", model.config, budget_ratio=0.2)
 """
 
+from importlib import import_module
+from typing import Any
+
 from llamahome.errors import CacheError, ConfigError, DataError, LlamaHomeError, ModelError
+
+# Public name -> the module that defines it. Imported lazily, so `import llamahome` stays cheap
+# (no torch/transformers) for CLIs and configs.
+_LAZY = {
+    "load_model": "llamahome.model.load",
+    "load_tokenizer": "llamahome.model.load",
+    "ModelSpec": "llamahome.model.load",
+    "export_hf": "llamahome.model.export",
+    "make_cache": "llamahome.kvcache.spec",
+    "CacheSpec": "llamahome.kvcache.spec",
+    "POLICIES": "llamahome.kvcache.spec",
+    "kv_bytes": "llamahome.kvcache.spec",
+    "full_kv_bytes": "llamahome.kvcache.spec",
+}
 
 __all__ = [
     "CacheError",
@@ -15,19 +32,11 @@ __all__ = [
     "DataError",
     "LlamaHomeError",
     "ModelError",
-    "load_model",
-    "make_cache",
+    *_LAZY,
 ]
 
 
-def __getattr__(name: str):
-    # Lazy: `import llamahome` stays cheap (no torch/transformers import) for CLIs and configs.
-    if name == "load_model":
-        from llamahome.core.model import load_model
-
-        return load_model
-    if name == "make_cache":
-        from llamahome.core.cache import make_cache
-
-        return make_cache
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'llamahome' has no attribute {name!r}")

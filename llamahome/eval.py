@@ -29,59 +29,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from llamahome.errors import ModelError
+from llamahome.evaluation.runner import describe_budget, identical_row, job_overrides, print_row
 from llamahome.utils.cli import quiet_libraries, user_errors
 from llamahome.utils.sweep import in_multirun, run_sweep_job
 from llamahome.utils.validation import build
 
 log = logging.getLogger("llamahome.eval")
-
-# What from_pretrained can load weights from (sharded safetensors have an index file).
-_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.gguf")
-
-
-def check_model_dir(path: str | Path) -> Path:
-    """Check that `path` is a Hugging Face model directory with weights, before loading it.
-
-    A training run directory is accepted too: its ``export/`` is used.
-
-    Args:
-        path: ``model_path=`` (or a local ``model.pretrained=``).
-
-    Returns:
-        The directory to load.
-
-    Raises:
-        ModelError: The directory is missing, is a file, has no config.json, or has no weights
-            (names the directory and what to point at instead).
-    """
-    where = Path(path).expanduser()
-    if not where.exists():
-        raise ModelError(f"model_path={str(path)!r} does not exist.")
-    if not where.is_dir():
-        raise ModelError(
-            f"model_path={str(path)!r} is a file: give the directory of a Hugging Face export "
-            "(config.json + model.safetensors + tokenizer), e.g. <train run dir>/export."
-        )
-    if not (where / "config.json").is_file() and (where / "export" / "config.json").is_file():
-        log.info("model_path %s is a training run: evaluating its export/", where)
-        where = where / "export"
-    if not (where / "config.json").is_file():
-        hint = "the train command writes one to <run dir>/export"
-        if (where / "adapter_config.json").is_file():
-            hint = f"this is a PEFT adapter; evaluate the merged export in {where.parent}"
-        elif any(where.glob("*.ckpt")) or (where / "checkpoints").is_dir():
-            hint = "this holds Lightning checkpoints; evaluate the run's export/ directory"
-        raise ModelError(
-            f"{where}: no config.json, so not a Hugging Face model directory ({hint})."
-        )
-    if not any(next(where.glob(p), None) for p in _WEIGHT_PATTERNS):
-        raise ModelError(
-            f"{where}: config.json but no weights (model.safetensors or pytorch_model.bin): the "
-            "export is incomplete; re-run the export or point model_path at a complete one."
-        )
-    return where
-
 
 def model_spec(cfg: DictConfig) -> Any:
     """Return the ``ModelSpec`` to evaluate: ``model_path``, local ``model.pretrained``, ``model``.
@@ -90,7 +43,7 @@ def model_spec(cfg: DictConfig) -> Any:
         ModelError: A local directory without config or weights.
         ConfigError: A bad ``model.*`` value.
     """
-    from llamahome.core.model import ModelSpec, resolve_location
+    from llamahome.model.load import ModelSpec, check_model_dir, resolve_location
 
     spec = build(cfg, "model")
     path = cfg.get("model_path")
@@ -110,22 +63,6 @@ def model_spec(cfg: DictConfig) -> Any:
         attn_implementation=spec.attn_implementation,
         trust_remote_code=spec.trust_remote_code,
     )
-
-
-def describe_budget(cache_spec: Any) -> tuple[str, float | None]:
-    """Return a budget's label for tables (``20%``, ``256 tokens``) and its total ratio."""
-    if cache_spec.policy == "full":
-        return "all", cache_spec.budget_ratio
-    budget = cache_spec.budget
-    if budget.is_ratio:
-        ratio = (budget.heavy_ratio or 0.0) + budget.recent_ratio
-        ratio = cache_spec.budget_ratio or ratio
-        label = f"{ratio:.0%}"
-        if budget.sink:
-            label += f" ({budget.sink} sinks)"
-        return label, ratio
-    total = budget.sink + budget.heavy + budget.recent
-    return f"{total} tokens", None
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -154,11 +91,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         print_config_tree(cfg, save_to=output_dir / "config_tree.log")
 
     digest = config_hash(cfg)
-    row = _identical_row(cfg, digest, task.name) if cfg.get("reuse_identical") else None
+    row = identical_row(cfg, digest, task.name) if cfg.get("reuse_identical") else None
     if row is None:
         row = _run(cfg, spec, cache_spec, task, digest, start)
     write_rows([row], output_dir)
-    _print_row(row, output_dir)
+    print_row(row, output_dir)
     from llamahome.evaluation.heatmap import draw, file_name
 
     if (png := draw(row, output_dir / file_name(row))) is not None:
@@ -173,7 +110,7 @@ def _run(
 ) -> dict[str, Any]:
     import torch
 
-    from llamahome.core.model import load_model
+    from llamahome.model.load import load_model
 
     torch.manual_seed(int(cfg.get("seed") or 0))
     load_start = time.perf_counter()
@@ -206,89 +143,32 @@ def _run(
         "load_s": load_s,
         "model": spec.name,
         "config_hash": digest,
-        "overrides": _overrides(),
+        "overrides": job_overrides(),
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     row.update({k: v for k, v in outcome.extras.items() if k not in row})
     return row
 
 
-def _identical_row(cfg: DictConfig, digest: str, task_name: str) -> dict[str, Any] | None:
-    """In a sweep, a row another job already computed with the same effective config.
-
-    The full cache ignores ``cache.budget_ratio``, so ``cache=full`` in a budget sweep would run
-    the same evaluation once per budget; the later jobs copy the first one's row instead.
-    """
-    from hydra.core.hydra_config import HydraConfig
-
-    from llamahome.evaluation.results import JSONL, read_rows
-
-    if not in_multirun():
-        return None
-    sweep_dir = Path(HydraConfig.get().sweep.dir)
-    own = Path(cfg.paths.output_dir).resolve()
-    for path in sorted(sweep_dir.glob(f"*/{JSONL}")):
-        if path.parent.resolve() == own:
-            continue
-        for row in read_rows(path):
-            if row.get("config_hash") == digest and row.get("task") == task_name:
-                log.info(
-                    "Same effective config as %s: reusing its row (no re-run)", path.parent.name
-                )
-                copy = dict(row)
-                copy["budget_ratio"] = OmegaConf.select(cfg, "cache.budget_ratio")
-                copy["overrides"] = _overrides()
-                copy["reused_from"] = path.parent.name
-                return copy
-    return None
-
-
-def _overrides() -> str:
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return ""
-    return " ".join(o for o in HydraConfig.get().overrides.task if not o.startswith("hydra"))
-
-
-def _print_row(row: dict[str, Any], output_dir: Path) -> None:
-    kv = f"KV {row['kv_bytes'] / 2**20:.2f} MiB held vs {row['full_kv_bytes'] / 2**20:.2f} MiB full"
-    if row.get("kv_ratio") is not None:
-        kv += f" ({row['kv_ratio']:.0%})"
-    speed = f"{row['tok_s']:.1f} tok/s" if row.get("tok_s") else "- tok/s"
-    note = f" | {row['note']}" if row.get("note") else ""
-    print(
-        f"[eval] {row['task']} {row['metric']}={row['value']:.4g} | cache={row['policy']} "
-        f"{row['budget']} | {kv} | {speed}, {row['wall_s']:.1f} s{note} | {row['model']} "
-        f"| {output_dir / 'results.csv'}",
-        flush=True,
-    )
-
-
 def _log_wandb(cfg: DictConfig, row: dict[str, Any]) -> None:
     """One W&B run per eval job: the row as metrics and as a one-row table."""
-    import wandb
-
     from llamahome.evaluation.report import log_wandb_rows
-    from llamahome.training.loggers import remember_wandb_run
+    from llamahome.utils.tracking import finish_run, start_run
 
-    logger = build(cfg, "logger.wandb")
-    remember_wandb_run(logger)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    config.pop("hydra", None)
-    logger.log_hyperparams(config)
+    settings = OmegaConf.to_container(cfg.logger.wandb, resolve=True)
+    run = start_run(settings, cfg.paths.output_dir, job_type=cfg.task_name, config=cfg)
     numbers = {
         f"eval/{k}": v
         for k, v in row.items()
         if isinstance(v, int | float) and not isinstance(v, bool)
     }
-    logger.log_metrics(numbers)
-    log_wandb_rows(logger.experiment, [row])
-    logger.experiment.summary.update({"eval/row": json.dumps(row, default=str)})
-    wandb.finish()
+    run.log(numbers)
+    log_wandb_rows(run, [row])
+    run.summary.update({"eval/row": json.dumps(row, default=str)})
+    finish_run()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; in a multirun a failing job is recorded and the sweep goes on."""
     quiet_libraries()

@@ -131,8 +131,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     import torch
     from transformers import TextStreamer
 
-    from llamahome.core.cache import full_kv_bytes, kv_bytes
-    from llamahome.core.model import load_model
+    from llamahome.kvcache.spec import full_kv_bytes, kv_bytes
+    from llamahome.model.load import load_model
 
     torch.manual_seed(int(cfg.get("seed") or 0))
     model, tokenizer = load_model(model_spec)
@@ -178,7 +178,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+@hydra.main(version_base="1.3", config_path="conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     quiet_libraries()

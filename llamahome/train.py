@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from llamahome.utils.cli import quiet_libraries, user_errors
+from llamahome.utils.cli import is_rank_zero, quiet_libraries, user_errors
 from llamahome.utils.sweep import in_multirun, run_sweep_job
-from llamahome.utils.validation import build, check_optimizer, check_trainer, resolve_ckpt_path
+from llamahome.utils.tracking import finish_run, redacted_config
+from llamahome.utils.validation import build
 
 log = logging.getLogger("llamahome.train")
 
@@ -38,20 +39,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     import torch
 
-    from llamahome.core.finetuning import apply_finetuning, check_finetuning
-    from llamahome.core.model import load_model, load_tokenizer
+    from llamahome.model.finetuning import apply_finetuning
+    from llamahome.model.load import load_model, load_tokenizer
     from llamahome.training.checkpointing import exit_on_preemption
+    from llamahome.training.checks import (
+        check_finetuning,
+        check_launchable,
+        check_optimizer,
+        check_trainer,
+        resolve_ckpt_path,
+    )
     from llamahome.training.module import LlamaLitModule
     from llamahome.utils.rich_utils import print_config_tree, print_table
 
     start = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
-    if cfg.get("print_config") and _is_rank_zero():
+    if cfg.get("print_config") and is_rank_zero():
         print_config_tree(cfg, save_to=output_dir / "config_tree.log")
 
     # 1. Validate: everything that can fail on a typo fails here, in seconds.
     check_trainer(cfg)
     check_optimizer(cfg)
+    if in_multirun():
+        check_launchable(cfg)
     model_spec = build(cfg, "model")
     cache_spec = build(cfg, "cache")
     finetuning = build(cfg, "peft")
@@ -83,7 +93,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [build(cfg, f"callbacks.{name}") for name in cfg.get("callbacks") or {}]
     loggers = [build(cfg, f"logger.{name}") for name in cfg.get("logger") or {}]
     for logger in loggers:
-        logger.log_hyperparams(_loggable_config(cfg))
+        logger.log_hyperparams(redacted_config(cfg))
     trainer = build(cfg, "trainer", callbacks=[c for c in callbacks if c], logger=loggers or False)
     _remember_wandb_runs(loggers)
 
@@ -100,22 +110,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics["train/tokens_per_sec"] = throughput.tokens_per_second if throughput else float("nan")
 
     if cfg.get("export") and trainer.is_global_zero and not trainer.fast_dev_run:
-        from llamahome.core.export import export_hf
+        from llamahome.model.export import export_hf
 
         export_hf(lit.model, tokenizer, output_dir / "export", spec=model_spec)
     metrics["time/total_s"] = time.perf_counter() - start
-    _finish_wandb_runs(loggers)
+    finish_run()  # one W&B run per job: the next sweep job (same process) starts its own
     if trainer.is_global_zero:
         _print_summary(metrics, trainer, output_dir, print_table)
     return metrics
-
-
-def _loggable_config(cfg: DictConfig) -> dict[str, Any]:
-    from llamahome.utils.secrets import redact
-
-    container = OmegaConf.to_container(cfg, resolve=True)
-    container.pop("hydra", None)
-    return redact(container)
 
 
 def _remember_wandb_runs(loggers: list[Any]) -> None:
@@ -126,20 +128,6 @@ def _remember_wandb_runs(loggers: list[Any]) -> None:
             remember_wandb_run(logger)
 
 
-def _finish_wandb_runs(loggers: list[Any]) -> None:
-    # One W&B run per job: close it so the next sweep job (same process) starts its own.
-    if any(type(logger).__name__ == "WandbLogger" for logger in loggers):
-        import wandb
-
-        wandb.finish()
-
-
-def _is_rank_zero() -> bool:
-    from lightning.pytorch.utilities import rank_zero_only
-
-    return rank_zero_only.rank == 0
-
-
 def _print_summary(metrics: dict[str, float], trainer, output_dir: Path, print_table) -> None:
     keys = ["val/loss_first", "val/loss", "val/loss_best", "val/ppl", "val/acc", "train/tokens_per_sec", "time/total_s"]
     rows = [{"metric": k, "value": metrics[k]} for k in keys if k in metrics]
@@ -148,7 +136,7 @@ def _print_summary(metrics: dict[str, float], trainer, output_dir: Path, print_t
     print(f"run dir: {output_dir}")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers.
 

@@ -57,9 +57,9 @@ def malloc_for_measuring(on: bool) -> None:
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from llamahome.core import attention as attn  # noqa: E402
-from llamahome.core import cache_layers  # noqa: E402
-from llamahome.core.cache import full_kv_bytes, kv_bytes, make_cache  # noqa: E402
+from llamahome.kvcache import attention as attn  # noqa: E402
+from llamahome.kvcache import layers as cache_layers  # noqa: E402
+from llamahome.kvcache.spec import full_kv_bytes, kv_bytes, make_cache  # noqa: E402
 
 MODELS = {
     # SmolLM2-135M: GQA with 3 KV heads, so its KV cache is small next to its weights.

@@ -139,7 +139,7 @@ def main() -> None:
 
     import lightning as L
 
-    from llamahome.core.model import load_model
+    from llamahome.model.load import load_model
 
     L.seed_everything(0, verbose=False)
     model, _ = load_model(args.model, pretrained=None, dtype="float32")

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
+CONF_DIR = REPO / "llamahome" / "conf"
 
 # The smallest useful run: tiny Llama, stdlib text, a handful of steps.
 TINY_TRAIN = (

@@ -7,14 +7,14 @@ import torch
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from llamahome.core.attention import (
+from llamahome.kvcache.attention import (
     HYBRID_ATTENTION,
     HYBRID_EAGER_ATTENTION,
     attention_column_sums,
     eager_column_sums,
     enable_hybrid_attention,
 )
-from llamahome.core.cache import make_cache
+from llamahome.kvcache.spec import make_cache
 
 
 def tiny_config(**kw) -> LlamaConfig:

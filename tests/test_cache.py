@@ -11,15 +11,15 @@ from omegaconf import OmegaConf
 from transformers import Cache, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from llamahome import make_cache as _make_cache
-from llamahome.core.attention import (
+from llamahome.errors import CacheError, ConfigError
+from llamahome.kvcache.attention import (
     HYBRID_ATTENTION,
     HYBRID_EAGER_ATTENTION,
     enable_hybrid_attention,
 )
-from llamahome.core.cache import CacheSpec, full_kv_bytes, kv_bytes
-from llamahome.errors import CacheError, ConfigError
+from llamahome.kvcache.spec import CacheSpec, full_kv_bytes, kv_bytes
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "cache"
+CONF = Path(__file__).resolve().parents[1] / "llamahome" / "conf" / "cache"
 POLICIES = ("full", "window", "sink", "h2o")
 
 

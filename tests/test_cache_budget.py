@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llamahome.core.attention import enable_hybrid_attention
-from llamahome.core.cache import POLICIES, CacheSpec, make_cache, pinned
 from llamahome.errors import CacheError
+from llamahome.kvcache.attention import enable_hybrid_attention
+from llamahome.kvcache.spec import POLICIES, CacheSpec, make_cache, pinned
 
 
 def tiny_config() -> LlamaConfig:

@@ -20,12 +20,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import sdpa_mask
 
 from llamahome import make_cache
-from llamahome.core.attention import enable_hybrid_attention, hybrid_attention_forward
-from llamahome.core.cache import POLICIES, CacheSpec
 from llamahome.kvcache import snapkv
+from llamahome.kvcache.attention import enable_hybrid_attention, hybrid_attention_forward
+from llamahome.kvcache.spec import POLICIES, CacheSpec
 
 NEW = ("keydiff", "knorm", "tova", "snapkv")
-CONF = Path(__file__).resolve().parents[1] / "conf" / "cache"
+CONF = Path(__file__).resolve().parents[1] / "llamahome" / "conf" / "cache"
 # Measure the policy itself: no floor under which nothing is evicted (where the spec has one).
 NO_FLOOR = (
     {"min_tokens": 0} if "min_tokens" in {f.name for f in dataclasses.fields(CacheSpec)} else {}

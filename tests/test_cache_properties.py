@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig
 from transformers.masking_utils import sdpa_mask
 
-from llamahome.core.attention import (
+from llamahome.kvcache.attention import (
     eager_column_sums,
     hybrid_attention_forward,
 )
-from llamahome.core.cache import make_cache as _make_cache
+from llamahome.kvcache.spec import make_cache as _make_cache
 
 
 def make_cache(policy, config, **kw):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import CONF_DIR
 
-from llamahome.core.model import resolve_spec
+from llamahome.model.load import resolve_spec
 
 ENTRY_POINTS = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in {"hydra"})

@@ -12,7 +12,7 @@ import torch
 
 from llamahome.data.encode import IGNORE_INDEX
 from llamahome.errors import ConfigError, DataError
-from llamahome.training.data import LlamaHomeDataModule
+from llamahome.training.datamodule import LlamaHomeDataModule
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 

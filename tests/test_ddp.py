@@ -84,8 +84,8 @@ def test_fsdp_lora_units_keep_frozen_weights_out_of_gradient_memory(tmp_path) ->
     FSDP flattens the parameters a unit owns (not those of nested units) into one FlatParameter
     with one gradient buffer; torch's FSDP refuses CPU, so this checks the partition itself.
     """
-    from llamahome.core.finetuning import apply_finetuning
-    from llamahome.core.model import load_model
+    from llamahome.model.finetuning import apply_finetuning
+    from llamahome.model.load import load_model
     from llamahome.training.distributed import fsdp_wrap_policy
 
     def units(model, policy):

@@ -10,7 +10,6 @@ import pytest
 import torch
 from conftest import REPO, compose
 
-from llamahome.core.cache import CacheSpec
 from llamahome.errors import ConfigError, DataError, ModelError
 from llamahome.evaluation import passkey as passkey_module
 from llamahome.evaluation.passkey import Passkey, build_prompt, is_correct
@@ -22,6 +21,7 @@ from llamahome.evaluation.streaming_ppl import (
     token_segments,
 )
 from llamahome.evaluation.summarization import Summarization, load_records, rouge
+from llamahome.kvcache.spec import CacheSpec
 
 FIXTURES = REPO / "tests" / "fixtures" / "eval"
 FAST = ("model=tiny", "task.show_progress=false", "print_config=false")
@@ -185,7 +185,7 @@ def test_passkey_runs_the_model_with_the_cache(tiny):
 
 
 def test_summary_fixture_and_rouge():
-    records = load_records(FIXTURES / "summaries.jsonl")
+    records = load_records(REPO / "llamahome" / "evaluation" / "resources" / "summaries.jsonl")
     assert len(records) == 8 and all(r["document"] and r["summary"] for r in records)
     summaries = [r["summary"] for r in records]
     assert rouge(summaries, summaries) == pytest.approx(
@@ -278,8 +278,8 @@ def test_budget_over_the_text_is_reported_not_an_error(compose_eval, capsys):
 
 
 def test_evaluates_a_training_export(compose_eval, tiny, tmp_path):
-    from llamahome.core.export import export_hf
     from llamahome.eval import evaluate
+    from llamahome.model.export import export_hf
 
     run_dir = tmp_path / "train_run"
     export_hf(tiny[0], tiny[1], run_dir / "export")
@@ -297,7 +297,7 @@ def test_evaluates_a_training_export(compose_eval, tiny, tmp_path):
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    import llamahome.core.model as model_module
+    import llamahome.model.load as model_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model must not load for a bad input")

@@ -8,7 +8,6 @@ import json
 import pytest
 from conftest import compose
 
-from llamahome.core.cache import POLICIES, CacheSpec
 from llamahome.errors import ConfigError
 from llamahome.evaluation import ruler as ruler_module
 from llamahome.evaluation.base import KVMeter
@@ -24,6 +23,7 @@ from llamahome.evaluation.ruler_data import (
     string_match_all,
     token_counter,
 )
+from llamahome.kvcache.spec import POLICIES, CacheSpec
 
 FAST = ("model=tiny", "task.show_progress=false", "print_config=false")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -227,8 +227,8 @@ def test_niah_from_the_command_line_writes_its_heatmap(tmp_path, capsys):
 
 
 def test_ruler_runs_from_the_command_line_on_an_export(tiny, tmp_path):
-    from llamahome.core.export import export_hf
     from llamahome.eval import evaluate
+    from llamahome.model.export import export_hf
 
     export_hf(tiny[0], tiny[1], tmp_path / "model")
     overrides = ["task=ruler", "task.subtasks=[niah_single,fwe]", "task.lengths=[128]"]

@@ -125,8 +125,8 @@ def test_streaming_ppl_callback_logs_at_validation(tmp_path):
     import lightning as L
 
     from llamahome import load_model
-    from llamahome.core.cache import CacheSpec
-    from llamahome.evaluation.callbacks import StreamingPerplexityCallback
+    from llamahome.kvcache.spec import CacheSpec
+    from llamahome.training.eval_callbacks import StreamingPerplexityCallback
     from llamahome.training.module import LlamaLitModule
 
     model, tokenizer = load_model("tiny")

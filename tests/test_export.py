@@ -10,9 +10,9 @@ import torch
 from safetensors import safe_open
 
 from llamahome import load_model
-from llamahome.core.export import adapter_base_id, export_hf
-from llamahome.core.finetuning import FreezeLayers, apply_finetuning
-from llamahome.core.model import resolve_spec
+from llamahome.model.export import adapter_base_id, export_hf
+from llamahome.model.finetuning import FreezeLayers, apply_finetuning
+from llamahome.model.load import resolve_spec
 
 TEXT = ["for i in range(10):\n    print(i)", "import os"]
 

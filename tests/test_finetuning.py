@@ -19,16 +19,16 @@ from conftest import TINY_TRAIN
 from lightning.pytorch.callbacks import Callback
 
 from llamahome import ConfigError
-from llamahome.core.finetuning import (
+from llamahome.model.finetuning import (
     QLoRA,
     apply_finetuning,
-    check_finetuning,
     compile_backend,
     is_checkpointing,
     require_qlora_support,
 )
-from llamahome.core.model import ModelSpec, load_model
+from llamahome.model.load import ModelSpec, load_model
 from llamahome.train import train
+from llamahome.training.checks import check_finetuning
 from llamahome.training.module import LlamaLitModule
 
 HAS_CUDA = torch.cuda.is_available()
@@ -243,7 +243,7 @@ def test_gradient_clipping_bounds_the_norm_the_optimizer_sees() -> None:
 def test_bad_lever_values_fail_before_the_model_loads(
     compose_train, monkeypatch, override, key
 ) -> None:
-    import llamahome.core.model as model_module
+    import llamahome.model.load as model_module
 
     monkeypatch.setattr(model_module, "build_or_load_model", _must_not_load)
     with pytest.raises(ConfigError, match=key):
@@ -290,7 +290,7 @@ def _must_not_load(*args, **kwargs):
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only error")
 def test_qlora_on_cpu_fails_before_the_model_loads(compose_train, monkeypatch) -> None:
-    import llamahome.core.model as model_module
+    import llamahome.model.load as model_module
 
     monkeypatch.setattr(model_module, "build_or_load_model", _must_not_load)
     with pytest.raises(ConfigError, match=r"peft=qlora .*no CUDA GPU.*peft=lora") as info:

@@ -73,7 +73,7 @@ def test_prompt_file_and_no_stream(compose_generate, tmp_path, capsys):
     ],
 )
 def test_bad_values_fail_before_loading_the_model(compose_generate, override, key, monkeypatch):
-    import llamahome.core.model as model_module
+    import llamahome.model.load as model_module
 
     def no_load(*a, **k):
         raise AssertionError("the model must not load for a bad value")

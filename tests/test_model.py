@@ -13,7 +13,7 @@ from llamahome import ConfigError, ModelError, load_model
 def test_smollm2_loads_offline_and_a_lora_step_trains(smollm2) -> None:
     from peft import LoraConfig
 
-    from llamahome.core.finetuning import apply_finetuning
+    from llamahome.model.finetuning import apply_finetuning
 
     model, tokenizer = smollm2
     assert type(model).__name__ == "LlamaForCausalLM"
@@ -83,7 +83,7 @@ def test_tiny_random_init_uses_the_local_bpe_tokenizer() -> None:
 
 
 def test_trust_remote_code_is_off_unless_asked() -> None:
-    from llamahome.core.model import resolve_spec
+    from llamahome.model.load import resolve_spec
 
     assert resolve_spec("smollm2").trust_remote_code is False
     assert resolve_spec("smollm2", trust_remote_code=True).trust_remote_code is True

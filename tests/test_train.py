@@ -87,7 +87,7 @@ def test_lora_export_reloads_with_identical_logits(compose_train) -> None:
 
 
 def test_negative_learning_rate_fails_before_the_model_loads(compose_train, monkeypatch) -> None:
-    import llamahome.core.model as model_module
+    import llamahome.model.load as model_module
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("model loaded before config validation")

@@ -10,8 +10,6 @@ rerun with the same inputs skips tokenization.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from llamahome.data.cache import fingerprint
 from llamahome.data.formats import Sample
+from llamahome.utils.paths import atomic_write, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -60,21 +58,14 @@ class TokenizedDocs:
 
     def save(self, path: Path) -> None:
         """Write to ``path`` (``.npz``) atomically: a reader never sees a half-written file."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(
-                    fh,
-                    input_ids=self.input_ids,
-                    labels=self.labels,
-                    offsets=self.offsets,
-                    splittable=self.splittable,
-                )
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_write(path) as fh:
+            np.savez(
+                fh,
+                input_ids=self.input_ids,
+                labels=self.labels,
+                offsets=self.offsets,
+                splittable=self.splittable,
+            )
 
     @classmethod
     def load(cls, path: Path) -> TokenizedDocs:

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llamahome.data.sources import Record, require_str
+from llamahome.data.sources.files import Record, require_str
 from llamahome.data.templates import (
     ALPACA_TEMPLATE,
     PLAIN_TEMPLATE,

@@ -11,10 +11,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from llamahome.data import custom, hf
 from llamahome.data.options import DataOptions
-from llamahome.data.pydoc import pydoc_records, write_pydoc_alpaca
-from llamahome.data.sources import (
+from llamahome.data.sources import custom, hf
+from llamahome.data.sources.files import (
     RECORD_SUFFIXES,
     TEXT_SUFFIXES,
     Record,
@@ -22,8 +21,9 @@ from llamahome.data.sources import (
     read_text,
     resolve_files,
 )
+from llamahome.data.sources.pydoc import pydoc_records, write_pydoc_alpaca
+from llamahome.data.sources.stdlib import read_source, stdlib_dir, stdlib_files
 from llamahome.data.split import cap, split_by_group
-from llamahome.data.stdlib import read_source, stdlib_dir, stdlib_files
 from llamahome.errors import DataError
 
 log = logging.getLogger(__name__)

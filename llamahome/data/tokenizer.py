@@ -13,9 +13,9 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-from llamahome.data.cache import build_dir_atomically, cache_root, fingerprint
-from llamahome.data.stdlib import read_source, stdlib_files
+from llamahome.data.sources.stdlib import read_source, stdlib_files
 from llamahome.errors import ConfigError
+from llamahome.utils.paths import atomic_dir, cache_root, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def build_bpe_tokenizer(
     target = cache_root(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{key}"
     if not target.is_dir():
         log.info("training a %d-token byte-level BPE on %d stdlib files", vocab_size, len(files))
-        build_dir_atomically(target, lambda tmp: _train(files, vocab_size, tmp))
+        atomic_dir(target, lambda tmp: _train(files, vocab_size, tmp))
     return PreTrainedTokenizerFast.from_pretrained(str(target))
 
 

@@ -57,7 +57,7 @@ class KVMeter:
 
     def add(self, cache: Any) -> None:
         """Account for a cache after its sequence is done."""
-        from llamahome.core.cache import full_kv_bytes, kv_bytes
+        from llamahome.kvcache.spec import full_kv_bytes, kv_bytes
 
         full = full_kv_bytes(cache)
         if full >= self.full_kv_bytes:
@@ -112,7 +112,7 @@ def generate_batch(
 ) -> tuple[list[str], int]:
     """Greedy generation for a batch of prompts with a fresh cache of ``cache_spec``.
 
-    Unlike ``llamahome.core.generation.generate_text`` this keeps the cache, so the KV bytes it
+    Unlike ``llamahome.model.generation.generate_text`` this keeps the cache, so the KV bytes it
     held are measured; prompts are formatted the same way (``format_prompts``).
 
     Args:
@@ -127,7 +127,7 @@ def generate_batch(
     Returns:
         The new text of each prompt, and the tokens processed (prompt + new, padding excluded).
     """
-    from llamahome.core.generation import cache_kwarg, format_prompts
+    from llamahome.model.generation import cache_kwarg, format_prompts
 
     texts = format_prompts(tokenizer, prompts, chat=chat)
     side = tokenizer.padding_side

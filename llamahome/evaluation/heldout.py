@@ -7,19 +7,16 @@ for alpaca, chat, samsum and pydoc data alike without knowing their templates.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
+
+from llamahome.data import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 
 
 def heldout_examples(batches: Any, num_samples: int) -> list[tuple[list[int], list[int]]]:
@@ -97,7 +94,7 @@ def generate_answers(
     Returns:
         The decoded new text per prompt, special tokens dropped.
     """
-    from llamahome.core.generation import cache_kwarg
+    from llamahome.model.generation import cache_kwarg
 
     was_training = model.training
     model.eval()
@@ -129,108 +126,3 @@ def generate_answers(
     finally:
         model.train(was_training)
     return [t.strip() for t in texts]
-
-
-class HeldOutGeneration(Callback):
-    """Answer held-out validation prompts before and after fit; log ROUGE and exact match.
-
-    Logs ``heldout/rouge1``, ``heldout/rougeL``, ``heldout/exact_match`` and the same with a
-    ``_before`` suffix, to the loggers and to ``trainer.callback_metrics`` (so ``train()``
-    returns them), and writes prompts, references and both answers to
-    ``<trainer.default_root_dir>/heldout_samples.json``. Skipped under ``fast_dev_run`` and
-    when resuming a fit (no honest "before").
-
-    Args:
-        num_samples: Held-out examples (the first validation rows).
-        max_new_tokens: Tokens generated per answer.
-        batch_size: Prompts per generate call.
-        generate_kwargs: More ``model.generate`` arguments, the same before and after, e.g.
-            ``{no_repeat_ngram_size: 4}``: small models decode greedily into loops, and a loop
-            scores on ROUGE as noise, not as what the model learned.
-    """
-
-    def __init__(
-        self,
-        num_samples: int = 16,
-        max_new_tokens: int = 128,
-        batch_size: int = 8,
-        generate_kwargs: dict[str, Any] | None = None,
-    ) -> None:
-        self.num_samples = num_samples
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
-        self.generate_kwargs = dict(generate_kwargs or {})
-        self.before: dict[str, float] = {}
-        self.after: dict[str, float] = {}
-        self.samples: list[dict[str, str]] = []
-        self._pairs: list[tuple[list[int], list[int]]] = []
-        self._answers_before: list[str] = []
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        """Pick the held-out examples and score the model as it is before training."""
-        if self._skip(trainer, pl_module) or trainer.ckpt_path:
-            return
-        self._pairs = heldout_examples(trainer.datamodule.val_dataloader(), self.num_samples)
-        self.before, self._answers_before = self._score(pl_module)
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        """Score again, log before/after, and keep the answers in ``samples``."""
-        if self._skip(trainer, pl_module) or not self._pairs:
-            return
-        self.after, predictions = self._score(pl_module)
-        tokenizer = pl_module.tokenizer
-        answers = zip(self._pairs, self._answers_before, predictions, strict=True)
-        self.samples = [
-            {
-                "prompt": tokenizer.decode(p, skip_special_tokens=True),
-                "reference": tokenizer.decode(r, skip_special_tokens=True),
-                "before": before,
-                "after": after,
-            }
-            for (p, r), before, after in answers
-        ]
-        metrics = {f"heldout/{k}": v for k, v in self.after.items()}
-        metrics |= {f"heldout/{k}_before": v for k, v in self.before.items()}
-        self._publish(trainer, metrics)
-
-    @staticmethod
-    def _skip(trainer, pl_module) -> bool:
-        no_data = trainer.datamodule is None or pl_module.tokenizer is None
-        return bool(trainer.fast_dev_run) or no_data
-
-    def _score(self, pl_module) -> tuple[dict[str, float], list[str]]:
-        tokenizer = pl_module.tokenizer
-        predictions = generate_answers(
-            pl_module.model,
-            tokenizer,
-            [p for p, _ in self._pairs],
-            self.max_new_tokens,
-            batch_size=self.batch_size,
-            cache_spec=getattr(pl_module, "cache_spec", None),
-            **self.generate_kwargs,
-        )
-        references = [tokenizer.decode(r, skip_special_tokens=True).strip() for _, r in self._pairs]
-        return score_texts(predictions, references), predictions
-
-    @rank_zero_only
-    def _publish(self, trainer, metrics: dict[str, float]) -> None:
-        # on_fit_end cannot self.log(); write to the loggers and to callback_metrics directly.
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        for key, value in metrics.items():
-            trainer.callback_metrics[key] = torch.tensor(value)
-        path = Path(trainer.default_root_dir) / "heldout_samples.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"before": self.before, "after": self.after, "samples": self.samples}
-        path.write_text(json.dumps(record, indent=1, ensure_ascii=False), encoding="utf-8")
-        log.info(
-            "held-out (%d examples): rougeL %.4f -> %.4f, rouge1 %.4f -> %.4f, "
-            "exact match %.3f -> %.3f",
-            len(self._pairs),
-            self.before["rougeL"],
-            self.after["rougeL"],
-            self.before["rouge1"],
-            self.after["rouge1"],
-            self.before["exact_match"],
-            self.after["exact_match"],
-        )

@@ -80,7 +80,7 @@ def encode(tokenizer: Any, prompt: Prompt, chat: bool) -> tuple[list[int], list[
     With the chat template the context is everything up to the question inside the user turn
     and the question is the rest, template suffix (``assistant`` header) included.
     """
-    from llamahome.core.generation import format_prompts
+    from llamahome.model.generation import format_prompts
 
     text = format_prompts(tokenizer, [prompt.context + prompt.question], chat=chat)[0]
     if text != prompt.context + prompt.question:

@@ -149,7 +149,7 @@ def streaming_perplexity(
     Raises:
         ConfigError: `prefix` leaves nothing to score.
     """
-    from llamahome.core.generation import cache_kwarg
+    from llamahome.model.generation import cache_kwarg
 
     rows, total = input_ids.shape
     if not 1 <= prefix < total:

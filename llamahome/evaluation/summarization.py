@@ -22,10 +22,9 @@ from llamahome.evaluation.base import (
     positive_int,
     progress,
 )
-from llamahome.utils.paths import PACKAGE_DIR
 
 # The shipped fixture: short original news-style articles with one-sentence summaries.
-DEFAULT_FILE = PACKAGE_DIR.parent / "tests" / "fixtures" / "eval" / "summaries.jsonl"
+DEFAULT_FILE = Path(__file__).with_name("resources") / "summaries.jsonl"
 DEFAULT_PROMPT = "Summarize the following article in one sentence.\n\n{document}"
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llamahome.core.cache_layers import INF, EvictingLayer
+from llamahome.kvcache.layers import INF, EvictingLayer
 
 __all__ = ["KeyDiffLayer", "keydiff_scores"]
 

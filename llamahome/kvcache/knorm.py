@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from llamahome.core.cache_layers import INF, EvictingLayer
+from llamahome.kvcache.layers import INF, EvictingLayer
 
 __all__ = ["KnormLayer"]
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llamahome.core.cache_layers import INF, EvictingLayer
+from llamahome.kvcache.layers import INF, EvictingLayer
 from llamahome.kvcache.query_attention import last_query_probs
 
 __all__ = ["KERNEL_SIZE", "OBSERVATION_WINDOW", "SnapKVLayer", "snapkv_prefill_scores"]

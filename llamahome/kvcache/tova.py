@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from llamahome.core.cache_layers import INF, EvictingLayer
+from llamahome.kvcache.layers import INF, EvictingLayer
 from llamahome.kvcache.query_attention import last_query_probs
 
 __all__ = ["TOVALayer", "tova_scores"]

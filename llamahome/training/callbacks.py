@@ -9,7 +9,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import Callback, RichProgressBar, ThroughputMonitor, TQDMProgressBar
+from lightning.pytorch.callbacks import (
+    Callback,
+    RichProgressBar,
+    ThroughputMonitor,
+    TQDMProgressBar,
+)
 from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
@@ -116,7 +121,7 @@ class SampleGeneration(Callback):
         tokenizer = pl_module.tokenizer
         if not self.prompts or tokenizer is None or trainer.fast_dev_run:
             return
-        from llamahome.core.generation import generate_text
+        from llamahome.model.generation import generate_text
 
         rows = generate_text(
             pl_module.model,

@@ -11,13 +11,14 @@ import torch
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from llamahome.core.attention import register_hybrid_attention
+from llamahome.data import IGNORE_INDEX
+from llamahome.kvcache.attention import register_hybrid_attention
 
 # A spawned worker (ddp_spawn, DataLoader workers) unpickles this module without ever calling
 # load_model: register the hybrid attention name here so the unpickled model can run.
 register_hybrid_attention()
 
-IGNORE_INDEX = -100
+
 _MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
 
 
@@ -79,7 +80,7 @@ class LlamaLitModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Compile lazily, after the strategy has placed the model (Lightning's hook for it)."""
-        from llamahome.core.finetuning import compile_backend
+        from llamahome.model.finetuning import compile_backend
 
         backend = compile_backend(self.compile)
         if backend and self._compiled_forward is None:

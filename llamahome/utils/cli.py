@@ -33,3 +33,17 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in ("transformers.modeling_utils", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is rank 0, read from the launcher's environment as Lightning does.
+
+    Entry points and sweep bookkeeping write files and print tables on rank 0 only; this reads
+    the same variables as ``lightning.fabric.utilities.rank_zero._get_rank`` without importing
+    Lightning, so eval, generate and serve stay free of it.
+    """
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        rank = os.environ.get(key)
+        if rank is not None:
+            return int(rank) == 0
+    return True

@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -27,7 +25,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from llamahome.errors import ConfigError
+from llamahome.utils.cli import is_rank_zero
+from llamahome.utils.paths import atomic_write
+from llamahome.utils.tracking import finish_run
 
 log = logging.getLogger("llamahome.sweep")
 
@@ -70,12 +70,11 @@ def run_sweep_job(
     }
     start = time.perf_counter()
     try:
-        check_launchable(cfg)
         metrics = dict(task(cfg))
     except Exception as err:  # noqa: BLE001 - isolating any job failure is this function's job
-        _close_wandb_run(failed=True)
+        finish_run(failed=True)  # the next job in this process must not log into it
         error = one_line(err)
-        if _is_rank_zero():
+        if is_rank_zero():
             (job_dir / ERROR_FILE).write_text(traceback.format_exc())
         log.error(
             "Job #%d failed: %s (traceback: %s). The sweep goes on.",
@@ -110,33 +109,6 @@ def one_line(err: BaseException) -> str:
     if "Traceback (most recent call last)" in text:  # e.g. torch.multiprocessing's errors
         return lines[-1]
     return f"{type(err).__name__}: {lines[0]}"
-
-
-def check_launchable(cfg: DictConfig) -> None:
-    """Refuse trainer strategies that cannot start inside a local multirun job.
-
-    Lightning starts ranks 1..N-1 of ``strategy=ddp`` by re-running ``sys.argv``: inside
-    ``-m`` that is the whole sweep again, writing elsewhere. Under torchrun or SLURM (one task
-    per device, e.g. ``hydra/launcher=submitit_slurm`` with ``tasks_per_node``) every rank
-    already exists and nothing is re-launched.
-
-    Raises:
-        ConfigError: ``strategy=ddp`` with more than one local device and no cluster launcher.
-    """
-    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-
-    trainer = cfg.get("trainer") or {}
-    strategy = trainer.get("strategy", "auto")
-    devices = trainer.get("devices", 1)
-    if not isinstance(strategy, str) or not strategy.startswith("ddp") or "spawn" in strategy:
-        return
-    several = devices == -1 or devices == "auto" or (isinstance(devices, int) and devices > 1)
-    if several and not (SLURMEnvironment.detect() or TorchElasticEnvironment.detect()):
-        raise ConfigError(
-            f"trainer.strategy={strategy} with trainer.devices={devices} cannot run inside a "
-            "local multirun (Lightning re-launches the command line for the other ranks): use "
-            "hydra/launcher=slurm (one task per device) or separate runs (docs/scale-out.md)."
-        )
 
 
 class SweepSummary(Callback):
@@ -277,25 +249,9 @@ def _job_num(job_dir: Path) -> int | None:
 
 
 def _write_status(job_dir: Path, record: dict[str, Any], start: float | None) -> None:
-    if not _is_rank_zero():
+    if not is_rank_zero():
         return
     if start is not None:
         record["seconds"] = round(time.perf_counter() - start, 2)
-    job_dir.mkdir(parents=True, exist_ok=True)
-    temp = job_dir / f".{STATUS_FILE}.tmp"
-    temp.write_text(json.dumps(record, indent=2))
-    os.replace(temp, job_dir / STATUS_FILE)
-
-
-def _close_wandb_run(failed: bool) -> None:
-    # A failed job must not leave its W&B run open: the next job in this process would log
-    # into it. wandb is only imported if the job imported it.
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish(exit_code=1 if failed else 0)
-
-
-def _is_rank_zero() -> bool:
-    from lightning.pytorch.utilities import rank_zero_only
-
-    return rank_zero_only.rank == 0
+    with atomic_write(job_dir / STATUS_FILE, "w") as file:
+        file.write(json.dumps(record, indent=2))

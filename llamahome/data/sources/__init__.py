@@ -1,0 +1,1 @@
+"""Where records come from: local files, HF datasets, custom hooks, pydoc, the stdlib."""

@@ -1,0 +1,1 @@
+"""KV-cache eviction: budgets, evicting cache layers, policies and the hybrid attention."""

@@ -1,0 +1,480 @@
+"""The evicting KV-cache layer (transformers 5.x `CacheLayerMixin`); policies in cache_policies.py.
+
+One layer keeps, for each batch row and KV head, a fixed number of *slots*: keys, values and
+small bookkeeping tensors (absolute position, padding validity, and per policy the H2O score,
+the sink flag, the RoPE position). All slot tensors share the layout (batch, kv_heads, capacity,
+...). The protocol with the attention (``attention.py``):
+
+1. ``update`` (called by ``LlamaAttention`` through ``Cache.update``) writes the new keys after the
+   live slots and returns the live + new keys; it also puts the layer into the attention kwargs.
+2. ``prepare`` (called by the hybrid attention) records the new tokens' positions and padding,
+   re-rotates for position rolling, and gives the mask for the cached slots.
+3. ``finish`` (called by the hybrid attention after SDPA) adds the attention mass each key got
+   (h2o) and evicts down to the budget, at prefill and at every decode step.
+
+Eviction keeps the slots of highest *priority*: the newest positions (window), the sinks then the
+newest (sink), or the recent window then the highest accumulated score (h2o; padding never wins).
+One eviction per decode step replaces the victim slot in place (no copy of the cache); several
+(prefill) gather the kept slots into a right-sized buffer. Slots are therefore not in position
+order, which is why the attention mask for them comes from ``valid`` rather than from transformers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from llamahome.errors import CacheError
+from llamahome.kvcache.attention import CACHE_HOOK_KWARG
+from llamahome.kvcache.budget import Budget
+
+INF = float("inf")
+# dtypes of the per-slot bookkeeping tensors (keys/values keep the model's dtype).
+META_DTYPES = {
+    "pos": torch.long,
+    "valid": torch.bool,
+    "score": torch.float32,
+    "sink": torch.bool,
+    "rope": torch.long,
+    "pin": torch.bool,
+}
+
+
+def expand_heads(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(batch|1, n) -> (batch|1, kv_heads, n) view."""
+    return t[:, None, :].expand(t.shape[0], kv_heads, t.shape[-1])
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate RoPE'd vectors by `delta` more positions (RoPE composes additively).
+
+    Args:
+        x: (batch, heads, n, head_dim).
+        delta: Integer position shifts, broadcastable to (batch, heads, n).
+        inv_freq: (head_dim // 2,) RoPE inverse frequencies.
+
+    Returns:
+        Rotated tensor, same dtype as `x`. A zero shift returns `x` bit for bit.
+    """
+    angles = delta[..., None].to(torch.float32) * inv_freq.to(x.device, torch.float32)
+    emb = torch.cat((angles, angles), dim=-1)
+    xf = x.float()
+    return (xf * emb.cos() + _rotate_half(xf) * emb.sin()).to(x.dtype)
+
+
+class EvictingLayer(DynamicLayer):
+    """Base of the evicting layers; subclasses define `priority` (higher = kept)."""
+
+    policy = "base"
+    needs_scores = False
+    is_sliding = False  # transformers must size masks from us like a full-attention layer
+    is_croppable = False  # evicted tokens cannot come back
+    is_compileable = False
+
+    def __init__(self, budget: Budget, inv_freq: torch.Tensor | None = None, **kwargs: Any) -> None:
+        """Create an empty layer.
+
+        Args:
+            budget: The slot budget.
+            inv_freq: RoPE inverse frequencies; given only when position rolling is on.
+            **kwargs: Ignored (transformers passes layer kwargs).
+        """
+        self._state: dict[str, torch.Tensor] = {}
+        super().__init__()
+        self.budget = budget
+        self.inv_freq = inv_freq
+        self.cumulative_length = 0
+        self._n = 0  # live slots, equal for every row and head
+        self._work: dict[str, torch.Tensor] = {}
+        self._in_buffer = False
+        self._q = 0
+        self._awaiting = False
+        self._all_valid = True
+        self._pinning = False  # inside a `pinned(cache)` block: new tokens are never evicted
+        self._pinned = 0  # pinned slots held (equal for every row and head)
+
+    # ---- what transformers reads -------------------------------------------------------
+    @property
+    def keys(self) -> torch.Tensor | None:  # type: ignore[override]
+        """Kept keys, (batch, kv_heads, kept, head_dim)."""
+        buf = self._state.get("keys")
+        return None if buf is None else buf[:, :, : self._n]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        if value is not None:
+            raise AttributeError("keys of an evicting layer are written through update()")
+
+    @property
+    def values(self) -> torch.Tensor | None:  # type: ignore[override]
+        """Kept values, (batch, kv_heads, kept, head_dim)."""
+        buf = self._state.get("values")
+        return None if buf is None else buf[:, :, : self._n]
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        if value is not None:
+            raise AttributeError("values of an evicting layer are written through update()")
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        """Absolute index (0 = first token seen) of each kept slot, (batch, kv_heads, kept)."""
+        buf = self._state.get("pos")
+        return None if buf is None else buf[:, :, : self._n]
+
+    @property
+    def scores(self) -> torch.Tensor | None:
+        """Accumulated attention mass of each kept slot (h2o only), (batch, kv_heads, kept)."""
+        buf = self._state.get("score")
+        return None if buf is None else buf[:, :, : self._n]
+
+    @property
+    def valid(self) -> torch.Tensor | None:
+        """False where a kept slot holds padding, (batch, kv_heads, kept)."""
+        buf = self._state.get("valid")
+        return None if buf is None else buf[:, :, : self._n]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Remember device and dtype (buffers are sized on the first real update)."""
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        """Tokens seen so far (not the kept count): transformers derives positions from it."""
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) for the mask: kept + new slots; the new ones are exact."""
+        return self._n + query_length, self.cumulative_length - self._n
+
+    def get_max_length(self) -> int:
+        """No maximum number of tokens (the kept count is bounded, not the tokens seen)."""
+        return -1
+
+    def kv_bytes(self) -> int:
+        """Bytes held by the key and value buffers (allocated capacity)."""
+        return sum(self._state[k].nbytes for k in ("keys", "values") if k in self._state)
+
+    # ---- step protocol -------------------------------------------------------------------
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new keys/values after the live slots; return live + new.
+
+        Raises:
+            CacheError: If the previous step never reached the hybrid attention.
+        """
+        if self._awaiting:
+            raise CacheError(
+                f"cache.policy={self.policy} needs the hybrid attention to evict: load the model "
+                "with llamahome.load_model, or call "
+                "llamahome.kvcache.attention.enable_hybrid_attention(model) before generating."
+            )
+        attn_kwargs = kwargs.get("kwargs")
+        if not isinstance(attn_kwargs, dict):
+            raise CacheError(
+                f"cache.policy={self.policy}: this model's attention does not pass its kwargs to "
+                "Cache.update (transformers 5.x Llama-style models do); use cache.policy=full."
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        attn_kwargs[CACHE_HOOK_KWARG] = self
+        self._awaiting = True
+        q, n = key_states.shape[-2], self._n
+        self._q = q
+        if self.cumulative_length == 0:
+            self.budget.fix(q)  # ratio basis "sequence" without seq_len: L = the prefill
+        self._seen_before = self.cumulative_length
+        if self._pinning:
+            self._pinned += q
+            if self._state and "pin" not in self._state:
+                keys = self._state["keys"]
+                self._state["pin"] = torch.zeros(
+                    keys.shape[:3], dtype=torch.bool, device=keys.device
+                )
+        self.cumulative_length += q
+        if n == 0:
+            # Prefill: attend to the new states directly; `finish` stores what is kept.
+            self._in_buffer = False
+            self._work = {"keys": key_states, "values": value_states}
+            return key_states, value_states
+        self._ensure_capacity(n + q)
+        self._in_buffer = True
+        self._state["keys"][:, :, n : n + q] = key_states
+        self._state["values"][:, :, n : n + q] = value_states
+        self._work = {name: buf[:, :, : n + q] for name, buf in self._state.items()}
+        return self._work["keys"], self._work["values"]
+
+    def prepare(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Record the new tokens; return query, key and the mask that fits the kept slots."""
+        bsz, kv_heads = key.shape[0], key.shape[1]
+        q, n = self._q, self._n
+        new_valid = _new_token_validity(attention_mask, q, bsz)
+        if new_valid is not None and self._all_valid and not bool(new_valid.all()):
+            self._all_valid = False
+        meta = self._new_meta(bsz, kv_heads, q, new_valid, position_ids, key.device)
+        for name, t in meta.items():
+            if self._in_buffer:
+                # A python scalar (the usual decode step) is a fill: one op, no temporary.
+                self._state[name][:, :, n : n + q] = t
+            elif isinstance(t, torch.Tensor):
+                self._work[name] = t.contiguous()
+            else:
+                self._work[name] = torch.full(
+                    (bsz, kv_heads, q), t, dtype=META_DTYPES[name], device=key.device
+                )
+        mask = self._mask(attention_mask, query, q, n)
+        if self.inv_freq is not None:
+            query, key = self._roll(query, key, position_ids, n)
+        return query, key, mask
+
+    def finish(self, scores: torch.Tensor | None) -> None:
+        """Accumulate `scores` (h2o) and evict down to the budget."""
+        self._awaiting = False
+        work, n, q = self._work, self._n, self._q
+        if scores is not None:
+            work["score"] += scores
+        seen = self.cumulative_length
+        # Pinned tokens are held on top of the budget, which counts the other tokens only.
+        target = self.budget.total(seen - self._pinned) + self._pinned
+        length = n + q
+        if target >= length:
+            if self._in_buffer:
+                self._n = length
+            else:
+                self._store(work, torch.arange(length, device=work["pos"].device), length)
+        elif self._in_buffer and q == 1 and target == n:
+            # The usual decode step: one token in, one out. Move the new slot into the victim's.
+            victim = self._keep_priority(work, seen).argmin(dim=-1)  # (b, kvh)
+            index = self._slot_base() + victim.view(-1)
+            for name, buf in self._state.items():
+                if name == "valid" and self._all_valid:
+                    continue  # all True: moving True over True
+                # Buffers are contiguous: flat (b * kvh * capacity) rows. The source slots are
+                # copied out first, so nothing reads what is being written.
+                src = buf[:, :, n].clone(memory_format=torch.contiguous_format)
+                buf.view(-1, *buf.shape[3:]).index_copy_(0, index, src.view(-1, *buf.shape[3:]))
+        else:
+            keep = self._keep_priority(work, seen).topk(target, dim=-1, sorted=False).indices
+            self._store(work, keep.sort(dim=-1).values, target)
+        if not self._all_valid:
+            self._all_valid = bool(self._state["valid"][:, :, : self._n].all())
+        self._work = {}
+
+    # ---- policy hooks ----------------------------------------------------------------------
+    def _keep_priority(self, work: dict[str, torch.Tensor], seen: int) -> torch.Tensor:
+        """`priority`, with pinned slots above everything (they are never evicted)."""
+        prio = self.priority(work, seen)
+        pin = work.get("pin")
+        if pin is not None:
+            top = INF if prio.is_floating_point() else torch.iinfo(prio.dtype).max
+            prio = prio.masked_fill(pin, top)
+        return prio
+
+    def priority(self, work: dict[str, torch.Tensor], seen: int) -> torch.Tensor:
+        """Keep-priority of each working slot, (batch, kv_heads, slots); higher is kept."""
+        raise NotImplementedError
+
+    def _new_meta(
+        self,
+        bsz: int,
+        kv_heads: int,
+        q: int,
+        new_valid: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        device: torch.device,
+    ) -> dict[str, torch.Tensor | int | float | bool]:
+        """Bookkeeping of the `q` new slots: tensors (batch, kv_heads, q), or scalars if uniform."""
+        meta: dict[str, torch.Tensor | int | float | bool] = {}
+        if q == 1:
+            meta["pos"] = self._seen_before
+        else:
+            pos = torch.arange(self._seen_before, self._seen_before + q, device=device)
+            meta["pos"] = pos[None, None, :].expand(bsz, kv_heads, q)
+        meta["valid"] = True if new_valid is None else expand_heads(new_valid, kv_heads)
+        if self._pinning or "pin" in self._state:
+            meta["pin"] = self._pinning
+        if self.inv_freq is not None:
+            if position_ids is None:
+                position_ids = torch.arange(
+                    self._seen_before, self._seen_before + q, device=device
+                )[None]
+            meta["rope"] = expand_heads(position_ids.to(device), kv_heads).expand(bsz, kv_heads, q)
+        return meta
+
+    # ---- internals ---------------------------------------------------------------------
+    def _slot_base(self) -> torch.Tensor:
+        """Flat index of slot 0 of each (row, head) in the contiguous buffers, cached."""
+        keys = self._state["keys"]
+        shape = (keys.shape[0], keys.shape[1], keys.shape[2], keys.device)
+        if getattr(self, "_base_shape", None) != shape:
+            self._base_shape = shape
+            self._base = torch.arange(shape[0] * shape[1], device=shape[3]) * shape[2]
+        return self._base
+
+    def _slack(self, slots: int) -> int:
+        # Ratio budgets grow ~(heavy+recent ratio) slots per token: a 1/64 margin keeps buffer
+        # reallocations rare while the held bytes stay within ~2% of the live ones.
+        return max(2, slots // 64)
+
+    def _capacity_for(self, slots: int) -> int:
+        cap = slots + self._slack(slots)
+        if self.budget.max_total is not None:
+            # +1: room for the decode token.
+            cap = min(cap, self.budget.max_total + self._pinned + 1)
+        return max(cap, slots)
+
+    def _ensure_capacity(self, slots: int) -> None:
+        cap = self._state["keys"].shape[2]
+        if slots <= cap:
+            return
+        new_cap = self._capacity_for(slots)
+        for name, buf in list(self._state.items()):
+            grown = buf.new_empty((*buf.shape[:2], new_cap, *buf.shape[3:]))
+            grown[:, :, : self._n] = buf[:, :, : self._n]
+            self._state[name] = grown
+
+    def _store(self, work: dict[str, torch.Tensor], index: torch.Tensor, count: int) -> None:
+        """Copy the working slots at `index` ((slots,) or (b, kvh, slots)) into fresh buffers."""
+        cap = self._capacity_for(count)
+        state = {}
+        for name, t in work.items():
+            buf = t.new_empty((*t.shape[:2], cap, *t.shape[3:]))
+            if index.dim() == 1:
+                buf[:, :, :count] = t[:, :, index]
+            else:
+                idx = index if t.dim() == 3 else index[..., None].expand(-1, -1, -1, t.shape[-1])
+                buf[:, :, :count] = t.gather(2, idx)
+            state[name] = buf
+        self._state = state
+        self._n = count
+
+    def _mask(
+        self, mask: torch.Tensor | None, query: torch.Tensor, q: int, n: int
+    ) -> torch.Tensor | None:
+        if n == self._seen_before:
+            # Nothing evicted yet: the slots are positions 0..n-1 in order, as transformers assumes.
+            return mask
+        if self._all_valid and q == 1:
+            return None  # one new token, every kept slot visible: plain SDPA, GQA-packed
+        bsz, heads = query.shape[0], query.shape[1]
+        device = query.device
+        if mask is None:
+            new_block = torch.ones(q, q, dtype=torch.bool, device=device).tril()[None, None]
+        else:
+            new_block = mask[..., -q:]
+            if new_block.dtype != torch.bool:
+                new_block = new_block == 0
+        if self._all_valid:
+            cached = torch.ones(1, 1, q, n, dtype=torch.bool, device=device)
+        else:
+            valid = self._state["valid"][:, :, :n]
+            kv_heads = valid.shape[1]
+            cached = valid[:, :, None, None, :].expand(bsz, kv_heads, heads // kv_heads, q, n)
+            cached = cached.reshape(bsz, heads, q, n)
+        h = max(cached.shape[1], new_block.shape[1])
+        return torch.cat((cached.expand(bsz, h, q, n), new_block.expand(bsz, h, q, q)), dim=-1)
+
+    def _roll(
+        self, query: torch.Tensor, key: torch.Tensor, position_ids: torch.Tensor | None, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position rolling: re-rotate keys (and queries) to their rank among the kept slots."""
+        work = self._work
+        pos, valid, rope = work["pos"], work["valid"], work["rope"]
+        order = pos.argsort(dim=-1)
+        rank = valid.gather(-1, order).long().cumsum(-1).sub_(1).clamp_(min=0)
+        rolled = torch.empty_like(rank).scatter_(-1, order, rank)
+        key = rotate(key, rolled - rope, self.inv_freq)
+        groups = query.shape[1] // key.shape[1]
+        dq = (rolled[:, :, n:] - rope[:, :, n:]).repeat_interleave(groups, dim=1)
+        return rotate(query, dq, self.inv_freq), key
+
+    # ---- generate() plumbing -----------------------------------------------------------------
+    def _map_state(self, fn: Any) -> None:
+        self._state = {name: fn(buf) for name, buf in self._state.items()}
+
+    def reset(self) -> None:
+        """Forget everything (the object is reused)."""
+        self._state, self._work = {}, {}
+        self._n = self.cumulative_length = 0
+        self._awaiting, self._all_valid = False, True
+        self._pinned = 0
+        self.budget.reset()
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch rows (beam search)."""
+        self._map_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat each batch row `repeats` times."""
+        self._map_state(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the batch rows `indices`."""
+        self._map_state(lambda t: t[indices])
+
+    def offload(self) -> None:
+        """Move the buffers to CPU."""
+        self._map_state(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        """Move the buffers back to the layer's device."""
+        if self.is_initialized:
+            self._map_state(lambda t: t.to(self.device, non_blocking=True))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``-tokens_to_remove`` tokens (a negative count, as in transformers 5.x).
+
+        Raises:
+            CacheError: If some of those tokens were already evicted from a row or head.
+        """
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove (transformers 5.x)")
+        if tokens_to_remove == 0 or self._n == 0:
+            return
+        new_seen = self.cumulative_length + tokens_to_remove
+        keep = self._state["pos"][:, :, : self._n] < new_seen
+        counts = keep.sum(dim=-1)
+        count = int(counts.flatten()[0])
+        if not bool((counts == count).all()):
+            raise CacheError(
+                f"cannot crop {-tokens_to_remove} tokens from a {self.policy} cache: rows or heads "
+                "already evicted different ones"
+            )
+        index = keep.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :count]
+        work = {name: buf[:, :, : self._n] for name, buf in self._state.items()}
+        self._store(work, index.sort(dim=-1).values, count)
+        self.cumulative_length = new_seen
+        if "pin" in self._state:
+            self._pinned = int(self._state["pin"][0, 0, :count].sum())
+
+
+def _new_token_validity(mask: torch.Tensor | None, q: int, bsz: int) -> torch.Tensor | None:
+    """(batch, q) padding validity of the new tokens, read off the mask diagonal; None = all valid.
+
+    Row i of the new block may see column i exactly when token i is not padding (causality always
+    allows the diagonal), so the diagonal is the 2-D padding mask of the new tokens.
+    """
+    if mask is None:
+        return None
+    diag = mask[:, 0, -q:, -q:].diagonal(dim1=-2, dim2=-1)
+    if diag.dtype != torch.bool:
+        diag = diag == 0
+    return diag.expand(bsz, q)
+
+
+__all__ = ["INF", "META_DTYPES", "EvictingLayer", "expand_heads", "rotate"]

@@ -1,0 +1,1 @@
+"""A model's life: loading (names, dirs, GGUF), fine-tuning adapters, export, generation."""

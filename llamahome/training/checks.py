@@ -1,0 +1,152 @@
+"""Every check of a train config that can fail in seconds, before a model loads.
+
+Trainer values, the optimizer on a dummy parameter, the fine-tuning method with its memory and
+speed levers, the resume checkpoint path, and whether the trainer strategy can launch here. Each
+raises a ``ConfigError`` that names the key, so a typo costs seconds, not a model load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from llamahome.errors import ConfigError
+from llamahome.model.finetuning import (
+    GPU_ONLY_PRECISIONS,
+    QLoRA,
+    compile_backend,
+    require_qlora_support,
+)
+from llamahome.utils.validation import build, error_message
+
+__all__ = [
+    "check_finetuning",
+    "check_launchable",
+    "check_optimizer",
+    "check_trainer",
+    "resolve_ckpt_path",
+]
+
+
+def check_optimizer(cfg: DictConfig) -> None:
+    """Build the optimizer (and scheduler) on a dummy parameter: bad lr/betas fail now, not later."""
+    import torch
+
+    lr = OmegaConf.select(cfg, "optim.lr")
+    if lr is not None and not (isinstance(lr, int | float) and lr > 0):
+        raise ConfigError(f"optim.lr must be a positive number, got {lr!r}.")
+    factory = build(cfg, "optim")
+    try:
+        optimizer = factory([torch.nn.Parameter(torch.zeros(1))])
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"optim: {error_message(err)}") from err
+    scheduler = build(cfg, "scheduler")
+    if scheduler is not None:
+        try:
+            scheduler(optimizer, num_training_steps=10)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"scheduler: {error_message(err)}") from err
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """The few Trainer values that must be sane before a long model load."""
+    trainer = cfg.trainer
+    if trainer.get("max_steps", -1) in (0,) or (
+        trainer.get("max_steps", -1) < 0 and trainer.get("max_epochs", -1) in (None, -1, 0)
+    ):
+        raise ConfigError("trainer.max_steps must be > 0 (or set trainer.max_epochs).")
+    vci = trainer.get("val_check_interval")
+    if isinstance(vci, int | float) and vci <= 0:
+        raise ConfigError(f"trainer.val_check_interval must be > 0, got {vci}.")
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | None:
+    """``last`` means this run dir's ``checkpoints/last.ckpt``; a path must exist."""
+    if ckpt_path in (None, ""):
+        return None
+    if ckpt_path == "last":
+        path = Path(output_dir) / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise ConfigError(
+                f"ckpt_path=last but {path} does not exist: resume with the old run dir, "
+                "e.g. `hydra.run.dir=outputs/train/runs/<time> ckpt_path=last`."
+            )
+        return str(path)
+    if not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist.")
+    return str(ckpt_path)
+
+
+def check_finetuning(cfg: Any, method: Any) -> Any:
+    """Validate the fine-tuning method and the memory/speed levers before the model loads.
+
+    Args:
+        cfg: The composed train config (``trainer``, ``compile`` and ``model`` keys are read).
+        method: What the ``peft`` group built.
+
+    Returns:
+        The ``BitsAndBytesConfig`` to load the base with (``peft=qlora``), else ``None``.
+
+    Raises:
+        ConfigError: QLoRA cannot run here or on a randomly initialised model; fp16 mixed
+            precision on CPU; accumulation < 1; negative clipping; a bad ``compile`` value.
+    """
+    trainer = cfg.get("trainer") or {}
+    accelerator = trainer.get("accelerator")
+    no_gpu = not torch.cuda.is_available()
+    on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and no_gpu)
+    precision = trainer.get("precision")
+    if on_cpu and precision in GPU_ONLY_PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision={precision} (fp16 mixed precision) needs a CUDA GPU; on CPU use "
+            "trainer.precision=bf16-mixed, bf16-true or 32-true."
+        )
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    if not isinstance(accumulate, int) or accumulate < 1:
+        raise ConfigError(
+            f"trainer.accumulate_grad_batches must be an integer >= 1, got {accumulate!r}."
+        )
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and not (isinstance(clip, int | float) and clip >= 0):
+        raise ConfigError(f"trainer.gradient_clip_val must be >= 0 or null, got {clip!r}.")
+    compile_backend(cfg.get("compile", False))
+    if not isinstance(method, QLoRA):
+        return None
+    model = cfg.get("model") or {}
+    if model.get("pretrained") is None:
+        raise ConfigError(
+            "peft=qlora quantises pretrained weights, but model.pretrained is null (random "
+            "init); use peft=lora or peft=none, or point model.pretrained at weights."
+        )
+    require_qlora_support(accelerator)
+    return method.quantization_config()
+
+
+def check_launchable(cfg: DictConfig) -> None:
+    """Refuse trainer strategies that cannot start inside a local multirun job.
+
+    Lightning starts ranks 1..N-1 of ``strategy=ddp`` by re-running ``sys.argv``: inside
+    ``-m`` that is the whole sweep again, writing elsewhere. Under torchrun or SLURM (one task
+    per device, e.g. ``hydra/launcher=submitit_slurm`` with ``tasks_per_node``) every rank
+    already exists and nothing is re-launched.
+
+    Raises:
+        ConfigError: ``strategy=ddp`` with more than one local device and no cluster launcher.
+    """
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    trainer = cfg.get("trainer") or {}
+    strategy = trainer.get("strategy", "auto")
+    devices = trainer.get("devices", 1)
+    if not isinstance(strategy, str) or not strategy.startswith("ddp") or "spawn" in strategy:
+        return
+    several = devices == -1 or devices == "auto" or (isinstance(devices, int) and devices > 1)
+    if several and not (SLURMEnvironment.detect() or TorchElasticEnvironment.detect()):
+        raise ConfigError(
+            f"trainer.strategy={strategy} with trainer.devices={devices} cannot run inside a "
+            "local multirun (Lightning re-launches the command line for the other ranks): use "
+            "hydra/launcher=slurm (one task per device) or separate runs (docs/scale-out.md)."
+        )
