@@ -25,7 +25,7 @@ from llamahome.kvcache.attention import enable_hybrid_attention, hybrid_attentio
 from llamahome.kvcache.spec import POLICIES, CacheSpec
 
 NEW = ("keydiff", "knorm", "tova", "snapkv")
-CONF = Path(__file__).resolve().parents[1] / "conf" / "cache"
+CONF = Path(__file__).resolve().parents[1] / "llamahome" / "conf" / "cache"
 # Measure the policy itself: no floor under which nothing is evicted (where the spec has one).
 NO_FLOOR = (
     {"min_tokens": 0} if "min_tokens" in {f.name for f in dataclasses.fields(CacheSpec)} else {}
@@ -117,6 +117,10 @@ def test_registered_with_a_config(policy):
     assert policy in POLICIES
     spec = instantiate(OmegaConf.load(CONF / f"{policy}.yaml"), budget_ratio=0.2)
     assert isinstance(spec, CacheSpec) and spec.policy == policy
+    # budget_ratio: keydiff gives a tenth to the recent window, the others split as h2o.
+    heavy, recent = (0.18, 0.02) if policy == "keydiff" else (0.1, 0.1)
+    assert spec.budget.heavy_ratio == pytest.approx(heavy)
+    assert spec.budget.recent_ratio == pytest.approx(recent)
 
 
 # ---- kept sets against plain references -------------------------------------------------------

@@ -109,7 +109,8 @@ class SnapKVLayer(EvictingLayer):
 
     def priority(self, work: dict[str, torch.Tensor], seen: int) -> torch.Tensor:
         """Rank the window first, then the score; padding last."""
-        recent = min(self.window, self.budget.total(seen))
+        # The budget counts the unpinned tokens (pinned ones are held on top, see EvictingLayer).
+        recent = min(self.window, self.budget.total(seen - self._pinned))
         prio = work["score"]
         if not self._all_valid:
             prio = prio.masked_fill(~work["valid"], -INF)

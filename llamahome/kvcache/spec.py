@@ -279,7 +279,18 @@ class CacheSpec:
         )
 
     # keydiff, knorm, tova, snapkv take h2o's budget keys (tova and snapkv use the total only).
-    _resolve_keydiff = _resolve_knorm = _resolve_tova = _resolve_snapkv = _resolve_h2o
+    _resolve_knorm = _resolve_tova = _resolve_snapkv = _resolve_h2o
+
+    def _resolve_keydiff(self) -> Budget:
+        # budget_ratio: 90% scored, a 10% recent window. KeyDiff (paper, kvpress) keeps no window;
+        # h2o's half-and-half split spends the budget on recent filler (passkey 20%, protected:
+        # 26/30 with the split, 30/30 with this one; see kvcache/keydiff.py).
+        budget = self._resolve_h2o()
+        if self.budget_ratio is None:
+            return budget
+        return replace(
+            budget, heavy_ratio=self.budget_ratio * 0.9, recent_ratio=self.budget_ratio * 0.1
+        )
 
     # ---- building ------------------------------------------------------------------------
     def build(self, model_config: PretrainedConfig, seq_len: int | None = None) -> Cache:
