@@ -1,4 +1,4 @@
-"""The exception hierarchy: every mistake a user can make ends in one of these, with one clear line."""
+"""The exception hierarchy: every user mistake ends in one of these, as one clear line."""
 
 
 class LlamaHomeError(Exception):

@@ -153,7 +153,11 @@ def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dic
         status["global_step"] = trainer.global_step
     finish_run_hyperparams(loggers, lit.best_val_loss, trainer.global_step)
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) or isinstance(v, float)}
+    metrics = {
+        k: float(v)
+        for k, v in trainer.callback_metrics.items()
+        if torch.is_tensor(v) or isinstance(v, float)
+    }
     metrics["val/loss_first"] = first_val if first_val is not None else float("nan")
     metrics["val/loss_best"] = lit.best_val_loss
     throughput = next((c for c in callbacks if hasattr(c, "tokens_per_second")), None)
@@ -179,7 +183,10 @@ def _remember_wandb_runs(loggers: list[Any]) -> None:
 
 
 def _print_summary(metrics: dict[str, float], trainer, output_dir: Path, print_table) -> None:
-    keys = ["val/loss_first", "val/loss", "val/loss_best", "val/ppl", "val/acc", "train/tokens_per_sec", "time/total_s"]
+    keys = [
+        "val/loss_first", "val/loss", "val/loss_best", "val/ppl", "val/acc",
+        "train/tokens_per_sec", "time/total_s",
+    ]
     rows = [{"metric": k, "value": metrics[k]} for k in keys if k in metrics]
     rows.insert(0, {"metric": "global_step", "value": trainer.global_step})
     print_table("LlamaHome run summary", rows)

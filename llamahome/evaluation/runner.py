@@ -71,7 +71,7 @@ def identical_row(cfg: DictConfig, digest: str, task_name: str) -> dict[str, Any
 
 
 def job_overrides() -> str:
-    """This job's own command-line overrides (Hydra's internals left out), space-separated."""
+    """Return this job's own command-line overrides (Hydra's internals left out), joined."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():

@@ -73,7 +73,7 @@ def format_prompts(tokenizer, prompts: Sequence[str], chat: bool = True) -> list
 
 
 def cache_kwarg() -> str:
-    """``generate``'s keyword for a cache object: ``cache`` since transformers 5.2x, else the old one."""
+    """The ``generate`` keyword for a cache: ``cache`` since transformers 5.2x, else the old."""
     from transformers.generation import utils
 
     return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
@@ -111,7 +111,9 @@ def generate_text(
     tokenizer.padding_side = "left"
     try:
         device = next(model.parameters()).device
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
+        enc = tokenizer(
+            texts, return_tensors="pt", padding=True, add_special_tokens=not chat
+        ).to(device)
         if cache_spec is not None:
             # Ratio budgets are shares of the whole sequence: prompt + new tokens (H2O paper).
             seq_len = int(enc["input_ids"].shape[1]) + max_new_tokens

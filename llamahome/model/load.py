@@ -121,9 +121,9 @@ def resolve_spec(source: str | ModelSpec | Any, **overrides: Any) -> ModelSpec:
                 f"load_model: expected a model name (smollm2, tiny...), a directory, a hub id, "
                 f"a mapping or a ModelSpec, got {type(source).__name__} {source!r:.40}."
             )
-
-        fields = OmegaConf.to_container(source, resolve=True) if not isinstance(source, dict) else source
-        fields = {k: v for k, v in dict(fields).items() if k != "_target_"}
+        if not isinstance(source, dict):
+            source = OmegaConf.to_container(source, resolve=True)
+        fields = {k: v for k, v in dict(source).items() if k != "_target_"}
         spec = ModelSpec(**fields)
     known = {f.name for f in dataclasses.fields(ModelSpec)}
     unknown = sorted(set(overrides) - known)
@@ -290,7 +290,9 @@ def build_or_load_model(spec: ModelSpec, tokenizer=None, quantization: Any = Non
     if quantization is not None:
         device = {"": torch.cuda.current_device()}
         kwargs.update(quantization_config=quantization, device_map=device)
-    return _load_with_clear_error(AutoModelForCausalLM.from_pretrained, where, spec, "weights", **kwargs)
+    return _load_with_clear_error(
+        AutoModelForCausalLM.from_pretrained, where, spec, "weights", **kwargs
+    )
 
 
 def weights_location(spec: ModelSpec) -> str:

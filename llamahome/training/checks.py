@@ -32,7 +32,7 @@ __all__ = [
 
 
 def check_optimizer(cfg: DictConfig) -> None:
-    """Build the optimizer (and scheduler) on a dummy parameter: bad lr/betas fail now, not later."""
+    """Build the optimizer and scheduler on a dummy parameter: a bad lr fails now, not later."""
     import torch
 
     lr = OmegaConf.select(cfg, "optim.lr")

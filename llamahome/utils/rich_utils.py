@@ -14,7 +14,9 @@ from rich.table import Table
 
 from llamahome.utils.secrets import redact
 
-FIRST_GROUPS = ("model", "peft", "data", "cache", "optim", "scheduler", "trainer", "callbacks", "logger")
+FIRST_GROUPS = (
+    "model", "peft", "data", "cache", "optim", "scheduler", "trainer", "callbacks", "logger"
+)
 
 
 def print_config_tree(cfg: DictConfig, save_to: str | Path | None = None) -> None:

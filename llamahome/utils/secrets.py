@@ -25,4 +25,6 @@ def redact(value: Any) -> Any:
 
 
 def _is_secret(key: Any, value: Any) -> bool:
-    return isinstance(key, str) and isinstance(value, str) and bool(SECRET_KEY.search(key)) and bool(value)
+    if not (isinstance(key, str) and isinstance(value, str)):
+        return False
+    return bool(SECRET_KEY.search(key)) and bool(value)
