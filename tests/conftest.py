@@ -83,3 +83,23 @@ def smollm2():
     from llamahome import load_model
 
     return load_model("smollm2")
+
+
+def tiny_llama_config(**overrides):
+    """The cache tests' tiny Llama: 2 layers, GQA 4/2, pad 0, bos 1, no eos (never stops)."""
+    from transformers import LlamaConfig
+
+    base = dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        eos_token_id=None,
+        bos_token_id=1,
+    )
+    return LlamaConfig(**{**base, **overrides})
+

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import Cache, DynamicCache, LlamaConfig, LlamaForCausalLM
@@ -29,19 +30,7 @@ def make_cache(policy, config, **kw):
 
 
 def tiny_config(**kw) -> LlamaConfig:
-    base = dict(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        eos_token_id=None,
-        bos_token_id=1,
-    )
-    return LlamaConfig(**{**base, **kw})
+    return tiny_llama_config(**kw)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llamahome.errors import CacheError
@@ -12,18 +13,7 @@ from llamahome.kvcache.spec import POLICIES, CacheSpec, make_cache, pinned
 
 
 def tiny_config() -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        pad_token_id=0,
-        eos_token_id=None,
-        bos_token_id=1,
-    )
+    return tiny_llama_config(max_position_embeddings=1024)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama_config
+from transformers import LlamaForCausalLM
 
 from llamahome.kvcache.attention import enable_hybrid_attention
 from llamahome.kvcache.spec import make_cache
@@ -25,18 +26,7 @@ PROMPT, STEPS, RATIO = 40, 30, 0.3
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=None,
-    )
+    config = tiny_llama_config(max_position_embeddings=256)
     return enable_hybrid_attention(LlamaForCausalLM(config).eval())
 
 

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_llama_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -36,19 +37,7 @@ DIM = 8
 @pytest.fixture(scope="module")
 def model(one_thread):
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        eos_token_id=None,
-        bos_token_id=1,
-    )
-    return enable_hybrid_attention(LlamaForCausalLM(cfg).eval())
+    return enable_hybrid_attention(LlamaForCausalLM(tiny_llama_config()).eval())
 
 
 def _batch(length: int, pad: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

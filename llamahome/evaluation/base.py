@@ -45,6 +45,30 @@ class Outcome:
         """``"no eviction"`` when the budget covered every token, else empty."""
         return "" if self.evicted else NO_EVICTION
 
+    @classmethod
+    def measured(
+        cls,
+        metric: str,
+        value: float,
+        meter: KVMeter,
+        watch: Stopwatch,
+        tokens: int,
+        extras: dict[str, Any] | None = None,
+        higher_is_better: bool = True,
+    ) -> Outcome:
+        """An outcome whose memory and time figures come from a task's meter and stopwatch."""
+        return cls(
+            metric=metric,
+            value=value,
+            higher_is_better=higher_is_better,
+            extras=extras or {},
+            kv_bytes=meter.kv_bytes,
+            full_kv_bytes=meter.full_kv_bytes,
+            tokens=tokens,
+            seconds=watch.seconds,
+            evicted=meter.evicted,
+        )
+
 
 class KVMeter:
     """Tracks KV bytes (the largest cache seen) and whether any cache evicted."""

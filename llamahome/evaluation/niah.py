@@ -114,14 +114,6 @@ class NeedleHeatmap:
                 extras[f"accuracy@{length}_d{depth:g}"] = (
                     sum(scores[at : at + self.trials]) / self.trials
                 )
-        return Outcome(
-            metric="accuracy",
-            value=sum(scores) / len(scores),
-            higher_is_better=True,
-            extras=extras,
-            kv_bytes=meter.kv_bytes,
-            full_kv_bytes=meter.full_kv_bytes,
-            tokens=tokens,
-            seconds=watch.seconds,
-            evicted=meter.evicted,
+        return Outcome.measured(
+            "accuracy", sum(scores) / len(scores), meter, watch, tokens, extras
         )

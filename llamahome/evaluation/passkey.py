@@ -202,14 +202,6 @@ class Passkey:
                 extras[f"accuracy@{length}_d{depth:g}"] = (
                     correct.get((length, depth), 0) / self.trials
                 )
-        return Outcome(
-            metric="accuracy",
-            value=sum(correct.values()) / len(trials),
-            higher_is_better=True,
-            extras=extras,
-            kv_bytes=meter.kv_bytes,
-            full_kv_bytes=meter.full_kv_bytes,
-            tokens=tokens,
-            seconds=watch.seconds,
-            evicted=meter.evicted,
+        return Outcome.measured(
+            "accuracy", sum(correct.values()) / len(trials), meter, watch, tokens, extras
         )

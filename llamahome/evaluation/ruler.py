@@ -150,16 +150,8 @@ class Ruler:
             extras[f"recall@{length}"] = sum(
                 extras[f"recall:{s}@{length}"] for s in self.subtasks
             ) / len(self.subtasks)
-        return Outcome(
-            metric="recall",
-            value=sum(by_subtask.values()) / len(by_subtask),
-            higher_is_better=True,
-            extras=extras,
-            kv_bytes=meter.kv_bytes,
-            full_kv_bytes=meter.full_kv_bytes,
-            tokens=tokens,
-            seconds=watch.seconds,
-            evicted=meter.evicted,
+        return Outcome.measured(
+            "recall", sum(by_subtask.values()) / len(by_subtask), meter, watch, tokens, extras
         )
 
 
