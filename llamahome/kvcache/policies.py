@@ -72,6 +72,7 @@ class H2OLayer(EvictingLayer):
     policy = "h2o"
     needs_scores = True
     fast_meta = True
+    batched_decode = True
     _ones: torch.Tensor | None = None
 
     def add_decode_scores(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
