@@ -376,6 +376,7 @@ class EvictingLayer(DynamicLayer):
         for name, buf in state.items():
             fv[f"{name}_flat"] = buf.view(-1, dim) if buf.dim() == 4 else buf.view(-1)
         fv["keys_t"] = keys.view(bsz * kv_heads, cap, dim).transpose(1, 2)
+        fv["values_rows"] = state["values"].view(bsz * kv_heads, cap, dim)
         if "score" in state:
             fv["score_rows"] = state["score"].view(bsz * kv_heads, 1, cap)
         self._fv = fv
