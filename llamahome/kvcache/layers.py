@@ -86,6 +86,7 @@ class EvictingLayer(DynamicLayer):
     _pending = False  # a decode victim deferred to the group (see `_dead`)
     _meta_ready = False  # the group already wrote the next token's pos and score
     _meta_now = False
+    _whole = False  # this step's keys/values are the whole buffers (the fast decode step)
 
     def __init__(self, budget: Budget, inv_freq: torch.Tensor | None = None, **kwargs: Any) -> None:
         """Create an empty layer.
@@ -256,7 +257,8 @@ class EvictingLayer(DynamicLayer):
             fv["values_flat"].index_copy_(0, slot, value_states.reshape(-1, dim))
             if fv["capacity"] == n + 1:
                 # The buffers are exactly the working slots (a fixed budget): no slicing.
-                self._work = dict(fv["work"])
+                self._work = fv["work"].copy()
+                self._whole = True
                 return state["keys"], state["values"]
         else:
             self._compact()
@@ -265,6 +267,7 @@ class EvictingLayer(DynamicLayer):
             self._ensure_capacity(n + q)
             state["keys"][:, :, n : n + q] = key_states
             state["values"][:, :, n : n + q] = value_states
+        self._whole = False
         self._work = {name: buf[:, :, : n + q] for name, buf in state.items()}
         return self._work["keys"], self._work["values"]
 
@@ -280,7 +283,9 @@ class EvictingLayer(DynamicLayer):
         slot = self._slot
         if slot is not None and attention_mask is None and self.fast_meta:
             # Fast decode step, no padding: the new slot's bookkeeping is a few fills.
-            fv = self._views()
+            if self._meta_now and not self._pinning and self._all_valid:
+                return query, key, None  # the group wrote pos and score; nothing to mask
+            fv = self._fv  # made by `update` this step
             if not self._meta_now:  # else the group's eviction wrote pos and score already
                 fv["pos_flat"].index_fill_(0, slot, self._seen_before)
                 if "score_flat" in fv:

@@ -131,13 +131,11 @@ class H2OLayer(EvictingLayer):
             return it, with the scores accumulated and the eviction done; or None when this
             step is not the common case (the caller takes the general path).
         """
-        slot = self._slot
-        if slot is None or not self._all_valid or query.dtype != torch.float32:
+        if not self._whole or self._slot is None or not self._all_valid:
             return None
-        fv = self._views()
-        values = self._state["values"]
-        if value.data_ptr() != values.data_ptr() or fv["capacity"] != value.shape[2]:
+        if query.dtype != torch.float32:
             return None
+        fv = self._fv  # made by `update` this step
         bsz, heads, _, dim = query.shape
         rows = fv["score_rows"].shape[0]
         groups = heads // (rows // bsz)
