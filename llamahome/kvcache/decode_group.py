@@ -101,9 +101,10 @@ class DecodeGroup:
         pos = torch.stack([layer._state["pos"] for layer in self.layers])
         self._views = []
         for i, layer in enumerate(self.layers):
-            layer._state["score"], layer._state["pos"] = score[i], pos[i]
+            views = (score[i], pos[i])  # one view object each: `_stacked` checks identity
+            layer._state["score"], layer._state["pos"] = views
             layer._fv = None  # its cached buffer views point at the old tensors
-            self._views.append((score[i], pos[i]))
+            self._views.append(views)
         rows = len(self.layers), bsz * kv_heads, cap
         self._stacks = (score.view(rows), pos.view(rows))
         self._row_base = torch.arange(bsz * kv_heads, device=score.device) * cap
