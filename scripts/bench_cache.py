@@ -206,7 +206,10 @@ def bench_pair(base, ours, policy, length, steps, budget, clock) -> Row:
         kv_bytes(cache) / kv_plain,
         peak_o / peak_b,
         statistics.median(ev) if evicting else None,
-        statistics.median(sc) if evicting and hasattr(layer0, "add_decode_scores") else None,
+        # None when the scoring is fused into the attention (h2o's `attend_decode`).
+        (statistics.median(sc) or None)
+        if evicting and hasattr(layer0, "add_decode_scores")
+        else None,
     )
 
 

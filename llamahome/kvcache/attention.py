@@ -245,6 +245,16 @@ def hybrid_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     query, key, mask = hook.prepare(query, key, attention_mask, kwargs.get("position_ids"))
+    if (
+        mask is None
+        and query.shape[2] == 1
+        and not (dropout and module.training)
+        and hasattr(hook, "attend_decode")
+    ):
+        # A plain decode step: the layer attends and scores from one softmax (see H2OLayer).
+        out = hook.attend_decode(query, value, _scaling(query, scaling))
+        if out is not None:
+            return out, None
     out, _ = sdpa_attention_forward(
         module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs
     )

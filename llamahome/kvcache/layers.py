@@ -80,6 +80,13 @@ class EvictingLayer(DynamicLayer):
     # The policy's new-slot bookkeeping for one all-valid decode token is just pos (+ score,
     # pin), which the fast decode step writes directly (policies with more set this False).
     fast_meta = False
+    # The decode victims of all layers may be chosen in one batch per step (`DecodeGroup`).
+    batched_decode = False
+    _group: Any = None
+    _pending = False  # a decode victim deferred to the group (see `_dead`)
+    _meta_ready = False  # the group already wrote the next token's pos and score
+    _meta_now = False
+    _whole = False  # this step's keys/values are the whole buffers (the fast decode step)
 
     def __init__(self, budget: Budget, inv_freq: torch.Tensor | None = None, **kwargs: Any) -> None:
         """Create an empty layer.
@@ -105,9 +112,20 @@ class EvictingLayer(DynamicLayer):
         # Flat index (row, head) of the slot evicted by the last decode step, or None. Slots
         # [0, n] are then in use, one of them dead per row and head: the next decode token is
         # written straight into it, so a decode step moves no slot (see `_compact`).
-        self._dead: torch.Tensor | None = None
+        self._dead_idx: torch.Tensor | None = None
         self._slot: torch.Tensor | None = None  # where this step's token went (fast path)
         self._fv: dict[str, Any] | None = None  # reusable views of the buffers (`_views`)
+
+    @property
+    def _dead(self) -> torch.Tensor | None:
+        """The slot evicted by the last decode step (resolving a victim deferred to the group)."""
+        if self._pending:
+            self._group.resolve()
+        return self._dead_idx
+
+    @_dead.setter
+    def _dead(self, value: torch.Tensor | None) -> None:
+        self._dead_idx = value
 
     def _live(self, name: str) -> torch.Tensor | None:
         """Return the live slots of buffer `name` (a copy while an eviction is pending)."""
@@ -228,23 +246,28 @@ class EvictingLayer(DynamicLayer):
             return key_states, value_states
         self._in_buffer = True
         state = self._state
-        if q == 1 and self._dead is not None and self.inv_freq is None:
+        dead = self._dead
+        if q == 1 and dead is not None and self.inv_freq is None:
             # Fast decode step: the new token takes the slot the last step evicted.
-            slot, self._dead, self._slot = self._dead, None, self._dead
+            slot, self._dead, self._slot = dead, None, dead
+            self._meta_now, self._meta_ready = self._meta_ready, False
             fv = self._views()
             dim = key_states.shape[-1]
             fv["keys_flat"].index_copy_(0, slot, key_states.reshape(-1, dim))
             fv["values_flat"].index_copy_(0, slot, value_states.reshape(-1, dim))
             if fv["capacity"] == n + 1:
                 # The buffers are exactly the working slots (a fixed budget): no slicing.
-                self._work = dict(fv["work"])
+                self._work = fv["work"].copy()
+                self._whole = True
                 return state["keys"], state["values"]
         else:
             self._compact()
             self._slot = None
+            self._meta_ready = False
             self._ensure_capacity(n + q)
             state["keys"][:, :, n : n + q] = key_states
             state["values"][:, :, n : n + q] = value_states
+        self._whole = False
         self._work = {name: buf[:, :, : n + q] for name, buf in state.items()}
         return self._work["keys"], self._work["values"]
 
@@ -260,10 +283,13 @@ class EvictingLayer(DynamicLayer):
         slot = self._slot
         if slot is not None and attention_mask is None and self.fast_meta:
             # Fast decode step, no padding: the new slot's bookkeeping is a few fills.
-            fv = self._views()
-            fv["pos_flat"].index_fill_(0, slot, self._seen_before)
-            if "score_flat" in fv:
-                fv["score_flat"].index_fill_(0, slot, 0.0)
+            if self._meta_now and not self._pinning and self._all_valid:
+                return query, key, None  # the group wrote pos and score; nothing to mask
+            fv = self._fv  # made by `update` this step
+            if not self._meta_now:  # else the group's eviction wrote pos and score already
+                fv["pos_flat"].index_fill_(0, slot, self._seen_before)
+                if "score_flat" in fv:
+                    fv["score_flat"].index_fill_(0, slot, 0.0)
             if "pin_flat" in fv:
                 fv["pin_flat"].index_fill_(0, slot, self._pinning)
             return query, key, self._decode_mask(query, n + 1)
@@ -314,8 +340,10 @@ class EvictingLayer(DynamicLayer):
         elif self._in_buffer and q == 1 and target == n:
             # The usual decode step: one token in, one out. The victim's slot is only marked
             # dead; the next decode token overwrites it (no slot is moved).
-            victim = self._decode_victim(work, seen)  # (b, kvh)
-            self._dead = self._slot_base() + victim.view(-1)
+            group = self._group
+            if group is None or not group.defer(self, seen):
+                victim = self._decode_victim(work, seen)  # (b, kvh)
+                self._dead = self._slot_base() + victim.view(-1)
         else:
             keep = self._keep_priority(work, seen).topk(target, dim=-1, sorted=False).indices
             self._store(work, keep.sort(dim=-1).values, target)
@@ -353,6 +381,7 @@ class EvictingLayer(DynamicLayer):
         for name, buf in state.items():
             fv[f"{name}_flat"] = buf.view(-1, dim) if buf.dim() == 4 else buf.view(-1)
         fv["keys_t"] = keys.view(bsz * kv_heads, cap, dim).transpose(1, 2)
+        fv["values_rows"] = state["values"].view(bsz * kv_heads, cap, dim)
         if "score" in state:
             fv["score_rows"] = state["score"].view(bsz * kv_heads, 1, cap)
         self._fv = fv
@@ -512,6 +541,9 @@ class EvictingLayer(DynamicLayer):
         self._awaiting, self._all_valid = False, True
         self._pinned = 0
         self._dead = self._slot = None
+        self._pending = self._meta_ready = self._meta_now = False
+        if self._group is not None:
+            self._group.pending = 0
         self.budget.reset()
         self.is_initialized = False
 

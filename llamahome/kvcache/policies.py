@@ -72,6 +72,7 @@ class H2OLayer(EvictingLayer):
     policy = "h2o"
     needs_scores = True
     fast_meta = True
+    batched_decode = True
     _ones: torch.Tensor | None = None
 
     def add_decode_scores(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
@@ -106,6 +107,53 @@ class H2OLayer(EvictingLayer):
             q, keys_t = q.float(), keys_t.float()
         logits = torch.baddbmm(ones[:1, :1, :1], q, keys_t, beta=0.0, alpha=scaling)
         score_rows.baddbmm_(ones, torch.softmax(logits, dim=-1))
+
+    def attend_decode(
+        self, query: torch.Tensor, value: torch.Tensor, scaling: float
+    ) -> torch.Tensor | None:
+        """One decode query over the whole slot buffers: output and scores from one softmax.
+
+        Called after `prepare` (which wrote the new slot's bookkeeping) and instead of SDPA.
+
+        SDPA does not return its probabilities, so the scoring would compute softmax(q K^T)
+        a second time; for a single query row the attention is three small batched products
+        (logits, probabilities @ V, and the scores' group sum), cheaper than SDPA's kernel
+        plus the scoring. Only for the common case: a fast decode step (the token went into
+        the last step's victim slot), no padding, buffers exactly the working slots, float32.
+
+        Args:
+            query: (batch, heads, 1, head_dim), rotated.
+            value: (batch, kv_heads, slots, head_dim), what `update` returned.
+            scaling: The logit scale.
+
+        Returns:
+            The attention output (batch, 1, heads, head_dim), as the attention functions
+            return it, with the scores accumulated and the eviction done; or None when this
+            step is not the common case (the caller takes the general path).
+        """
+        if not self._whole or self._slot is None or not self._all_valid:
+            return None
+        if query.dtype != torch.float32:
+            return None
+        fv = self._fv  # made by `update` this step
+        bsz, heads, _, dim = query.shape
+        rows = fv["score_rows"].shape[0]
+        groups = heads // (rows // bsz)
+        ones = self._ones
+        if ones is None or ones.shape != (rows, 1, groups):
+            ones = self._ones = torch.ones(rows, 1, groups, device=query.device)
+        logits = torch.baddbmm(
+            ones[:1, :1, :1],
+            query.reshape(rows, groups, dim),
+            fv["keys_t"],
+            beta=0.0,
+            alpha=scaling,
+        )
+        probs = torch.softmax(logits, dim=-1)
+        out = torch.bmm(probs, fv["values_rows"])  # (rows, groups, dim)
+        fv["score_rows"].baddbmm_(ones, probs)
+        self.finish(None)
+        return out.view(bsz, 1, heads, dim)
 
     def _decode_victim(self, work: dict[str, torch.Tensor], seen: int) -> torch.Tensor:
         """Lowest accumulated score outside the recent window (and not pinned)."""

@@ -41,6 +41,7 @@ from llamahome.kvcache.attention import (
     register_hybrid_attention,
 )
 from llamahome.kvcache.budget import RATIO_BASES, Budget
+from llamahome.kvcache.decode_group import DecodeGroup
 from llamahome.kvcache.policies import LAYER_TYPES, rope_inv_freq
 
 POLICIES = ("full", "window", "sink", "h2o", "keydiff", "knorm", "tova", "snapkv")
@@ -326,6 +327,8 @@ class CacheSpec:
         # One Budget per cache, shared by its layers: L is fixed once for the whole sequence.
         budget = self.budget.for_cache(seq_len)
         layers = [layer_cls(budget, inv_freq) for _ in range(text.num_hidden_layers)]
+        if layer_cls.batched_decode:
+            DecodeGroup(layers)
         return PolicyCache(layers, self.policy)
 
 
