@@ -34,8 +34,14 @@ class KnormLayer(EvictingLayer):
     def finish(self, scores: torch.Tensor | None) -> None:
         """Store minus the new keys' norms, then evict down to the budget."""
         work, n = self._work, self._n
-        # work["keys"] holds the live slots then the new ones (at prefill, the new ones only).
-        work["score"][:, :, n:] = work["keys"][:, :, n:].float().norm(dim=-1).neg_()
+        if self._slot is not None:
+            # Fast decode step: the new key went into the slot the last step freed, not slot n.
+            views = self._views()
+            norms = views["keys_flat"].index_select(0, self._slot).float().norm(dim=-1)
+            views["score_flat"].index_copy_(0, self._slot, norms.neg_())
+        else:
+            # work["keys"] holds the live slots then the new ones (at prefill, the new ones only).
+            work["score"][:, :, n:] = work["keys"][:, :, n:].float().norm(dim=-1).neg_()
         super().finish(None)
 
     def priority(self, work: dict[str, torch.Tensor], seen: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The evicting KV-cache layer (transformers 5.x `CacheLayerMixin`); policies in cache_policies.py.
+"""The evicting KV-cache layer (transformers 5.x `CacheLayerMixin`); policies in policies.py.
 
 One layer keeps, for each batch row and KV head, a fixed number of *slots*: keys, values and
 small bookkeeping tensors (absolute position, padding validity, and per policy the H2O score,
@@ -12,11 +12,10 @@ the sink flag, the RoPE position). All slot tensors share the layout (batch, kv_
 3. ``finish`` (called by the hybrid attention after SDPA) adds the attention mass each key got
    (h2o) and evicts down to the budget, at prefill and at every decode step.
 
-Eviction keeps the slots of highest *priority*: the newest positions (window), the sinks then the
-newest (sink), or the recent window then the highest accumulated score (h2o; padding never wins).
-One eviction per decode step replaces the victim slot in place (no copy of the cache); several
-(prefill) gather the kept slots into a right-sized buffer. Slots are therefore not in position
-order, which is why the attention mask for them comes from ``valid`` rather than from transformers.
+Eviction keeps the slots of highest *priority* (each policy's ``priority``; padding never wins).
+One eviction per decode step frees the victim's slot for the next token (no copy); several
+(prefill) gather the kept slots into a right-sized buffer. Slots are not in position order, so
+the mask for them comes from ``valid``. Buffer plumbing (beam search, crop) is in ``slots.py``.
 """
 
 from __future__ import annotations
@@ -29,47 +28,17 @@ from transformers.cache_utils import DynamicLayer
 from llamahome.errors import CacheError
 from llamahome.kvcache.attention import CACHE_HOOK_KWARG
 from llamahome.kvcache.budget import Budget
-
-INF = float("inf")
-# dtypes of the per-slot bookkeeping tensors (keys/values keep the model's dtype).
-META_DTYPES = {
-    "pos": torch.long,
-    "valid": torch.bool,
-    "score": torch.float32,
-    "sink": torch.bool,
-    "rope": torch.long,
-    "pin": torch.bool,
-}
+from llamahome.kvcache.slots import (
+    INF,
+    META_DTYPES,
+    SlotPlumbing,
+    expand_heads,
+    new_token_validity,
+    rotate,
+)
 
 
-def expand_heads(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """(batch|1, n) -> (batch|1, kv_heads, n) view."""
-    return t[:, None, :].expand(t.shape[0], kv_heads, t.shape[-1])
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate RoPE'd vectors by `delta` more positions (RoPE composes additively).
-
-    Args:
-        x: (batch, heads, n, head_dim).
-        delta: Integer position shifts, broadcastable to (batch, heads, n).
-        inv_freq: (head_dim // 2,) RoPE inverse frequencies.
-
-    Returns:
-        Rotated tensor, same dtype as `x`. A zero shift returns `x` bit for bit.
-    """
-    angles = delta[..., None].to(torch.float32) * inv_freq.to(x.device, torch.float32)
-    emb = torch.cat((angles, angles), dim=-1)
-    xf = x.float()
-    return (xf * emb.cos() + _rotate_half(xf) * emb.sin()).to(x.dtype)
-
-
-class EvictingLayer(DynamicLayer):
+class EvictingLayer(SlotPlumbing, DynamicLayer):
     """Base of the evicting layers; subclasses define `priority` (higher = kept)."""
 
     policy = "base"
@@ -77,11 +46,8 @@ class EvictingLayer(DynamicLayer):
     is_sliding = False  # transformers must size masks from us like a full-attention layer
     is_croppable = False  # evicted tokens cannot come back
     is_compileable = False
-    # The policy's new-slot bookkeeping for one all-valid decode token is just pos (+ score,
-    # pin), which the fast decode step writes directly (policies with more set this False).
-    fast_meta = False
-    # The decode victims of all layers may be chosen in one batch per step (`DecodeGroup`).
-    batched_decode = False
+    fast_meta = False  # True: a decode token's bookkeeping is pos (+ score, pin) only
+    batched_decode = False  # True: all layers' decode victims in one batch (`DecodeGroup`)
     _group: Any = None
     _pending = False  # a decode victim deferred to the group (see `_dead`)
     _meta_ready = False  # the group already wrote the next token's pos and score
@@ -292,9 +258,11 @@ class EvictingLayer(DynamicLayer):
                     fv["score_flat"].index_fill_(0, slot, 0.0)
             if "pin_flat" in fv:
                 fv["pin_flat"].index_fill_(0, slot, self._pinning)
+            if not self._all_valid:  # no mask: the token is real, but the freed slot was padding
+                fv["valid_flat"].index_fill_(0, slot, True)
             return query, key, self._decode_mask(query, n + 1)
         bsz, kv_heads = key.shape[0], key.shape[1]
-        new_valid = _new_token_validity(attention_mask, q, bsz)
+        new_valid = new_token_validity(attention_mask, q, bsz)
         if new_valid is not None and self._all_valid and not bool(new_valid.all()):
             self._all_valid = False
         meta = self._new_meta(bsz, kv_heads, q, new_valid, position_ids, key.device)
@@ -435,9 +403,7 @@ class EvictingLayer(DynamicLayer):
             meta["pin"] = self._pinning
         if self.inv_freq is not None:
             if position_ids is None:
-                position_ids = torch.arange(
-                    self._seen_before, self._seen_before + q, device=device
-                )[None]
+                position_ids = torch.arange(self._seen_before, self._seen_before + q)[None]
             meta["rope"] = expand_heads(position_ids.to(device), kv_heads).expand(bsz, kv_heads, q)
         return meta
 
@@ -528,86 +494,6 @@ class EvictingLayer(DynamicLayer):
         groups = query.shape[1] // key.shape[1]
         dq = (rolled[:, :, n:] - rope[:, :, n:]).repeat_interleave(groups, dim=1)
         return rotate(query, dq, self.inv_freq), key
-
-    # ---- generate() plumbing -----------------------------------------------------------------
-    def _map_state(self, fn: Any) -> None:
-        self._compact()
-        self._state = {name: fn(buf) for name, buf in self._state.items()}
-
-    def reset(self) -> None:
-        """Forget everything (the object is reused)."""
-        self._state, self._work = {}, {}
-        self._n = self.cumulative_length = 0
-        self._awaiting, self._all_valid = False, True
-        self._pinned = 0
-        self._dead = self._slot = None
-        self._pending = self._meta_ready = self._meta_now = False
-        if self._group is not None:
-            self._group.pending = 0
-        self.budget.reset()
-        self.is_initialized = False
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Reorder the batch rows (beam search)."""
-        self._map_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        """Repeat each batch row `repeats` times."""
-        self._map_state(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep only the batch rows `indices`."""
-        self._map_state(lambda t: t[indices])
-
-    def offload(self) -> None:
-        """Move the buffers to CPU."""
-        self._map_state(lambda t: t.to("cpu", non_blocking=True))
-
-    def prefetch(self) -> None:
-        """Move the buffers back to the layer's device."""
-        if self.is_initialized:
-            self._map_state(lambda t: t.to(self.device, non_blocking=True))
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Forget the last ``-tokens_to_remove`` tokens (a negative count, as in transformers 5.x).
-
-        Raises:
-            CacheError: If some of those tokens were already evicted from a row or head.
-        """
-        if tokens_to_remove > 0:
-            raise ValueError("crop takes a negative number of tokens to remove (transformers 5.x)")
-        if tokens_to_remove == 0 or self._n == 0:
-            return
-        self._compact()
-        new_seen = self.cumulative_length + tokens_to_remove
-        keep = self._state["pos"][:, :, : self._n] < new_seen
-        counts = keep.sum(dim=-1)
-        count = int(counts.flatten()[0])
-        if not bool((counts == count).all()):
-            raise CacheError(
-                f"cannot crop {-tokens_to_remove} tokens from a {self.policy} cache: rows or heads "
-                "already evicted different ones"
-            )
-        index = keep.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :count]
-        work = {name: buf[:, :, : self._n] for name, buf in self._state.items()}
-        self._store(work, index.sort(dim=-1).values, count)
-        self.cumulative_length = new_seen
-        if "pin" in self._state:
-            self._pinned = int(self._state["pin"][0, 0, :count].sum())
-
-
-def _new_token_validity(mask: torch.Tensor | None, q: int, bsz: int) -> torch.Tensor | None:
-    """(batch, q) padding validity of the new tokens, read off the mask diagonal; None = all valid.
-
-    Row i of the new block may see column i exactly when token i is not padding (causality always
-    allows the diagonal), so the diagonal is the 2-D padding mask of the new tokens.
-    """
-    if mask is None:
-        return None
-    diag = mask[:, 0, -q:, -q:].diagonal(dim1=-2, dim2=-1)
-    if diag.dtype != torch.bool:
-        diag = diag == 0
-    return diag.expand(bsz, q)
 
 
 __all__ = ["INF", "META_DTYPES", "EvictingLayer", "expand_heads", "rotate"]

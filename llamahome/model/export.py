@@ -8,12 +8,8 @@ from typing import Any
 
 import torch
 
-from llamahome.model.load import (
-    PACKAGE_SCHEME,
-    build_or_load_model,
-    make_portable,
-    weights_location,
-)
+from llamahome.model.gguf import PACKAGE_SCHEME, make_portable
+from llamahome.model.load import build_or_load_model, weights_location
 
 log = logging.getLogger(__name__)
 

