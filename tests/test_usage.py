@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,9 @@ def tiny_dir(tmp_path_factory) -> Path:
     return path
 
 
+LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d ")
+
+
 def run(module: str, *args: str, tmp_path: Path, stdin: str | None = None, timeout=300):
     """``python -m <module> *args`` from the repo root, offline, in a tmp run dir."""
     env = {**os.environ, "PROJECT_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
@@ -59,6 +63,8 @@ def answer(proc: subprocess.CompletedProcess) -> tuple[str, str]:
     """The generated text and the summary line of ``python -m llamahome.generate``."""
     assert proc.returncode == 0, proc.stderr[-2000:]
     text, _, summary = proc.stdout.rpartition("[generate] prompt ")
+    # Log lines (timestamped, from Hydra's console handler) are not the answer.
+    text = "\n".join(line for line in text.splitlines() if not LOG_LINE.match(line))
     return text, summary
 
 

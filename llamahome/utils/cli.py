@@ -63,7 +63,9 @@ def config_error(err: Exception) -> LlamaHomeError:
 def quiet_libraries() -> None:
     """Silence chatty third-party loggers and warnings that say nothing a user can act on."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("transformers.modeling_utils", "httpx", "urllib3"):
+    # tensor_parallel lists unsharded layers on every load, even on one CPU: nothing to act on.
+    quiet = ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")
+    for name in (*quiet, "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
