@@ -32,11 +32,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         The metrics of :func:`fit_and_export`.
     """
-    from llamahome.utils.rundir import append_run_record, run_dir_locked
+    from llamahome.utils.rundir import append_run_record, run_dir_locked, start_fields
 
     output_dir = Path(cfg.paths.output_dir)
     with run_dir_locked(output_dir):  # before anything is written: one live run per dir
-        append_run_record(output_dir, {"event": "start", **_run_fields(cfg)})
+        append_run_record(output_dir, {"event": "start", **start_fields(cfg)})
         status: dict[str, Any] = {"event": "end", "status": "failed"}
         try:
             metrics = fit_and_export(cfg, status)
@@ -48,13 +48,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             raise
         finally:
             append_run_record(output_dir, status)
-
-
-def _run_fields(cfg: DictConfig) -> dict[str, Any]:
-    from hydra.core.hydra_config import HydraConfig
-
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    return {"overrides": overrides, "ckpt_path": cfg.get("ckpt_path"), "seed": cfg.get("seed")}
 
 
 def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -84,6 +77,7 @@ def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dic
         resolve_ckpt_path,
     )
     from llamahome.training.ckpt_check import check_checkpoint, expected_state
+    from llamahome.training.loggers import remember_wandb_runs
     from llamahome.training.module import LlamaLitModule
     from llamahome.training.run_guards import adapt_to_missing_validation, clamp_log_every
     from llamahome.training.run_logs import finish_run_hyperparams, log_run_hyperparams
@@ -140,7 +134,7 @@ def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dic
     loggers = [build(cfg, f"logger.{name}") for name in cfg.get("logger") or {}]
     log_run_hyperparams(loggers, redacted_config(cfg))
     trainer = build(cfg, "trainer", callbacks=[c for c in callbacks if c], logger=loggers or False)
-    _remember_wandb_runs(loggers)
+    remember_wandb_runs(loggers)
 
     first_val = None
     # SIGTERM or Ctrl-C: last.ckpt at the next batch boundary, exit 143 or 130.
@@ -172,14 +166,6 @@ def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dic
     if trainer.is_global_zero:
         _print_summary(metrics, trainer, output_dir, print_table)
     return metrics
-
-
-def _remember_wandb_runs(loggers: list[Any]) -> None:
-    from llamahome.training.loggers import remember_wandb_run
-
-    for logger in loggers:
-        if type(logger).__name__ == "WandbLogger":
-            remember_wandb_run(logger)
 
 
 def _print_summary(metrics: dict[str, float], trainer, output_dir: Path, print_table) -> None:

@@ -49,3 +49,10 @@ def remember_wandb_run(logger: WandbLogger) -> None:
     except Exception:  # noqa: BLE001 - a disabled run has no id; nothing to remember
         return
     remember_run_id(logger.save_dir, run_id)
+
+
+def remember_wandb_runs(loggers: list[Any]) -> None:
+    """Keep the run id of every W&B logger among ``loggers`` next to its run (see above)."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            remember_wandb_run(logger)

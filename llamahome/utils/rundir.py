@@ -191,3 +191,11 @@ class RunDirGuard(_HydraCallback):
                 raise
             print(f"error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
+
+
+def start_fields(cfg: Any) -> dict[str, Any]:
+    """What the run record notes about a start: the job's overrides, ckpt_path and seed."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    return {"overrides": overrides, "ckpt_path": cfg.get("ckpt_path"), "seed": cfg.get("seed")}
