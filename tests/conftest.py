@@ -103,3 +103,20 @@ def tiny_llama_config(**overrides):
     )
     return LlamaConfig(**{**base, **overrides})
 
+
+def one_layer_config(kv_heads: int, groups: int, head_dim: int = 8):
+    """One decoder layer, GQA ``kv_heads`` x ``groups``, with the hybrid attention: for tests that
+    drive a cache layer directly, as ``LlamaAttention`` would, without a model."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=16,
+        hidden_size=head_dim * kv_heads * groups,
+        num_attention_heads=kv_heads * groups,
+        num_key_value_heads=kv_heads,
+        num_hidden_layers=1,
+        head_dim=head_dim,
+    )
+    cfg._attn_implementation_internal = "llamahome_hybrid"
+    return cfg
+

@@ -7,17 +7,16 @@ history in plain PyTorch: the kept positions must be the same at every step.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama_config
+from conftest import one_layer_config, tiny_llama_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 from transformers.masking_utils import sdpa_mask
 
 from llamahome import make_cache
@@ -28,9 +27,7 @@ from llamahome.kvcache.spec import POLICIES, CacheSpec
 NEW = ("keydiff", "knorm", "tova", "snapkv")
 CONF = Path(__file__).resolve().parents[1] / "llamahome" / "conf" / "cache"
 # Measure the policy itself: no floor under which nothing is evicted (where the spec has one).
-NO_FLOOR = (
-    {"min_tokens": 0} if "min_tokens" in {f.name for f in dataclasses.fields(CacheSpec)} else {}
-)
+NO_FLOOR = {"min_tokens": 0}  # the rules are about the policies themselves
 DIM = 8
 
 
@@ -122,15 +119,7 @@ class Driver:
     """
 
     def __init__(self, policy: str, total: int, bsz: int = 2, kv_heads: int = 2, groups: int = 2):
-        cfg = LlamaConfig(
-            vocab_size=16,
-            hidden_size=DIM * kv_heads * groups,
-            num_attention_heads=kv_heads * groups,
-            num_key_value_heads=kv_heads,
-            num_hidden_layers=1,
-            head_dim=DIM,
-        )
-        cfg._attn_implementation_internal = "llamahome_hybrid"
+        cfg = one_layer_config(kv_heads, groups, DIM)
         self.cache = make_cache(policy, cfg, window_length=total, **NO_FLOOR)
         self.total, self.bsz, self.kvh, self.groups = total, bsz, kv_heads, groups
         self.module = SimpleNamespace(num_key_value_groups=groups, is_causal=True, training=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
+from conftest import one_layer_config
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig
@@ -31,16 +32,7 @@ SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)
 
 
 def _config(kv_heads: int, groups: int) -> LlamaConfig:
-    cfg = LlamaConfig(
-        vocab_size=16,
-        hidden_size=DIM * kv_heads * groups,
-        num_attention_heads=kv_heads * groups,
-        num_key_value_heads=kv_heads,
-        num_hidden_layers=1,
-        head_dim=DIM,
-    )
-    cfg._attn_implementation_internal = "llamahome_hybrid"
-    return cfg
+    return one_layer_config(kv_heads, groups, DIM)
 
 
 class Driver:
