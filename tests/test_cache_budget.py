@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from llamahome.errors import CacheError
 from llamahome.kvcache.attention import enable_hybrid_attention
-from llamahome.kvcache.spec import POLICIES, CacheSpec, make_cache, pinned
+from llamahome.kvcache.spec import POLICIES, CacheSpec, keep_ratio, make_cache, pinned
 
 
 def tiny_config() -> LlamaConfig:
@@ -116,3 +116,12 @@ def test_make_cache_without_a_model_config_is_a_clear_error():
         make_cache("h2o", None)
     with pytest.raises(CacheError, match="seq_len"):
         make_cache("h2o", tiny_config(), seq_len=0)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_keep_ratio_is_tokens_held_over_tokens_seen(model, policy):
+    # 20% of 100 tokens = 20 held at every step (full: all of them); padding is not held.
+    cache = make_cache(policy, model.config, budget_ratio=0.2, min_tokens=0, seq_len=100)
+    _feed(model, cache, _ids(60), 40)
+    expected = 1.0 if policy == "full" else 20 / 100
+    assert keep_ratio(cache) == pytest.approx(expected)

@@ -6,7 +6,15 @@ importing the package stays cheap).
 
 from typing import Any
 
-__all__ = ["POLICIES", "CacheSpec", "full_kv_bytes", "kv_bytes", "make_cache", "pinned"]
+__all__ = [
+    "POLICIES",
+    "CacheSpec",
+    "full_kv_bytes",
+    "keep_ratio",
+    "kv_bytes",
+    "make_cache",
+    "pinned",
+]
 
 
 def __getattr__(name: str) -> Any:

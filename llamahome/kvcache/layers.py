@@ -167,6 +167,15 @@ class EvictingLayer(SlotPlumbing, DynamicLayer):
         """Bytes held by the key and value buffers (allocated capacity)."""
         return sum(self._state[k].nbytes for k in ("keys", "values") if k in self._state)
 
+    def kept_counts(self) -> tuple[int, int]:
+        """(kept, seen): real tokens held and tokens seen, summed over rows and KV heads."""
+        valid = self.valid
+        if valid is None:
+            return 0, 0
+        rows_heads = valid.shape[0] * valid.shape[1]
+        kept = valid.numel() if self._all_valid else int(valid.sum())
+        return kept, rows_heads * self.cumulative_length
+
     # ---- step protocol -------------------------------------------------------------------
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any

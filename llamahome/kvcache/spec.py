@@ -59,6 +59,7 @@ __all__ = [
     "FullCache",
     "PolicyCache",
     "full_kv_bytes",
+    "keep_ratio",
     "kv_bytes",
     "make_cache",
     "pinned",
@@ -434,3 +435,30 @@ def full_kv_bytes(cache: Cache) -> int:
         bsz, heads, _, dim = keys.shape
         total += 2 * bsz * heads * dim * keys.element_size() * layer.get_seq_length()
     return total
+
+
+def keep_ratio(cache: Cache) -> float:
+    """Share of the tokens seen that the cache holds, over all layers, rows and KV heads.
+
+    A policy with per-head budgets (threshold or AdaKV-style) keeps different counts per head;
+    this is their mean, the figure reported as ``keep`` in eval rows, the chat and generate
+    status lines and serve's ``usage.kv_cache``. Padding slots are not counted as kept.
+
+    Args:
+        cache: Any cache from `make_cache` / `CacheSpec.build` (a full cache gives 1.0).
+
+    Returns:
+        kept / seen in [0, 1]; 1.0 for an empty cache.
+    """
+    kept = seen = 0
+    for layer in getattr(cache, "layers", ()):
+        counts = getattr(layer, "kept_counts", None)
+        if counts is not None:
+            k, s = counts()
+        else:
+            keys = getattr(layer, "keys", None)
+            if keys is None or keys.dim() != 4:
+                continue
+            k = s = keys.shape[0] * keys.shape[1] * layer.get_seq_length()
+        kept, seen = kept + k, seen + s
+    return kept / seen if seen else 1.0
