@@ -233,11 +233,15 @@ def test_fsdp_sim_cannot_start_inside_a_local_multirun(tmp_path) -> None:
         check_launchable(cfg)
 
 
-def test_compile_with_fsdp_is_one_config_error(tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("override", "phrase"),
+    [("compile=aot_eager", "compile=aot_eager with an FSDP"), ("peft=qlora", "qlora with an FSDP")],
+)
+def test_compile_or_qlora_with_fsdp_is_one_config_error(override, phrase, tmp_path) -> None:
     from llamahome.training.checks import check_finetuning
 
-    cfg = compose("train", (*TINY_TRAIN, "trainer=fsdp_sim", "compile=aot_eager"), tmp_path)
-    with pytest.raises(ConfigError, match="compile=aot_eager with an FSDP trainer"):
+    cfg = compose("train", (*TINY_TRAIN, "trainer=fsdp_sim", override), tmp_path)
+    with pytest.raises(ConfigError, match=phrase):
         check_finetuning(cfg, build(cfg, "peft"))
 
 

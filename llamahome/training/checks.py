@@ -149,7 +149,7 @@ def check_finetuning(cfg: Any, method: Any) -> Any:
     Raises:
         ConfigError: QLoRA cannot run here or on a randomly initialised model; fp16 mixed
             precision on CPU; accumulation < 1; negative clipping; a bad ``compile`` value, or
-            ``compile`` with FSDP.
+            ``compile`` or QLoRA with FSDP.
     """
     trainer = cfg.get("trainer") or {}
     accelerator = trainer.get("accelerator")
@@ -181,6 +181,11 @@ def check_finetuning(cfg: Any, method: Any) -> Any:
         raise ConfigError(f"peft.r must be a positive integer, got {rank!r}.")
     if not isinstance(method, QLoRA):
         return None
+    if shards_model(cfg):  # bitsandbytes' 4-bit weights are no tensors FSDP2 can shard
+        raise ConfigError(
+            "peft=qlora with an FSDP trainer (trainer=fsdp|fsdp_sim) is not supported: use "
+            "peft=lora with trainer=fsdp, or peft=qlora with trainer=gpu|ddp"
+        )
     model = cfg.get("model") or {}
     if model.get("pretrained") is None:
         raise ConfigError(
