@@ -75,12 +75,14 @@ def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dic
         check_optimizer,
         check_trainer,
         resolve_ckpt_path,
+        shards_model,
     )
     from llamahome.training.ckpt_check import check_checkpoint, expected_state
     from llamahome.training.loggers import remember_wandb_runs
     from llamahome.training.module import LlamaLitModule
     from llamahome.training.run_guards import adapt_to_missing_validation, clamp_log_every
     from llamahome.training.run_logs import finish_run_hyperparams, log_run_hyperparams
+    from llamahome.training.sharded_checkpoint import check_sharded
     from llamahome.training.signals import stop_on_signals
     from llamahome.utils.rich_utils import print_config_tree, print_table
 
@@ -102,7 +104,7 @@ def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dic
     finetuning = build(cfg, "peft")
     # QLoRA without a GPU, fp16 AMP on CPU, bad levers: fail now; the 4-bit config if qlora.
     quantization = check_finetuning(cfg, finetuning)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, shards=shards_model(cfg))
     L.seed_everything(cfg.seed, workers=True)
 
     # 2. Data (tokenizer first: the data module tokenizes with it and validates its keys).
@@ -124,10 +126,10 @@ def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dic
         compile=cfg.get("compile", False),
     )
 
-    if ckpt_path is not None and Path(ckpt_path).is_file():  # sharded dirs: Lightning checks
-        # One clear line for a wrong, damaged or foreign checkpoint.
+    if ckpt_path is not None:  # one clear line for a wrong, damaged or foreign checkpoint
         run = f"model={model_spec.name}, {'LoRA' if lit.is_peft else 'no adapters'}"
-        check_checkpoint(ckpt_path, expected_state(lit), run)
+        check = check_checkpoint if Path(ckpt_path).is_file() else check_sharded
+        check(ckpt_path, expected_state(lit), run)
 
     # 4. Trainer with callbacks and loggers from their config groups.
     callbacks = [build(cfg, f"callbacks.{name}") for name in cfg.get("callbacks") or {}]
@@ -157,10 +159,17 @@ def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dic
     throughput = next((c for c in callbacks if hasattr(c, "tokens_per_second")), None)
     metrics["train/tokens_per_sec"] = throughput.tokens_per_second if throughput else float("nan")
 
-    if cfg.get("export") and trainer.is_global_zero and not trainer.fast_dev_run:
+    if cfg.get("export") and not trainer.fast_dev_run:
         from llamahome.model.export import export_hf
+        from llamahome.training.distributed import gather_full_model
 
-        export_hf(lit.model, tokenizer, output_dir / "export", spec=model_spec)
+        def unsharded() -> Any:
+            return apply_finetuning(load_model(model_spec, tokenizer=tokenizer)[0], finetuning)
+
+        # FSDP: every rank sends its shards; rank 0 exports an unsharded copy.
+        model = gather_full_model(lit.model, unsharded, trainer.is_global_zero)
+        if trainer.is_global_zero:
+            export_hf(model, tokenizer, output_dir / "export", spec=model_spec)
     metrics["time/total_s"] = time.perf_counter() - start
     finish_run()  # one W&B run per job: the next sweep job (same process) starts its own
     if trainer.is_global_zero:

@@ -226,7 +226,7 @@ def check_fsdp() -> None:
             ],
             timeout=240,
         )
-    print("fsdp: ok (6 steps, FULL_SHARD, bf16-mixed, 1 GPU)")
+    print("fsdp: ok (6 steps, FSDP2, bf16-mixed, 1 GPU)")
 
 
 def check_qlora(steps: int = 5) -> None:

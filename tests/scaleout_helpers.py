@@ -8,6 +8,7 @@ environment and the overrides, so it loads them too.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
@@ -118,3 +119,57 @@ class SlowCheckpointIO(AtomicCheckpointIO):
         print(f"SCALEOUT-TEST writing {target}", flush=True, file=sys.stdout)
         time.sleep(self.hold_s)
         file.write(data[len(data) // 2 :])
+
+
+class StopAtStep(Callback):
+    """Stop fit after optimizer step ``step`` (validation and its checkpoint still run there).
+
+    Unlike ``trainer.max_steps=step`` the run keeps the schedule of the full ``max_steps``, so a
+    resume continues exactly as the uninterrupted run would have.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+class LossRecorder(Callback):
+    """Record what data-parallel equivalence is judged on, in ``<run dir>``.
+
+    - ``losses.jsonl`` (rank 0): each optimizer step's loss averaged over ranks, i.e. the loss
+      of the global batch (every row of these runs carries the same number of label tokens);
+    - ``layout<rank>.json``: world size, how each parameter is stored on this rank (class,
+      local and global shape), and which parameters had a gradient at the first step.
+    """
+
+    def __init__(self) -> None:
+        self._grads: dict[str, bool] | None = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self._grads is None:
+            self._grads = {n: p.grad is not None for n, p in pl_module.named_parameters()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = trainer.strategy.reduce(outputs["loss"].detach().clone(), reduce_op="mean")
+        run = Path(trainer.default_root_dir)
+        if trainer.is_global_zero:
+            with open(run / "losses.jsonl", "a") as file:
+                file.write(json.dumps({"step": trainer.global_step, "loss": float(loss)}) + "\n")
+        layout = run / f"layout{trainer.global_rank}.json"
+        if layout.exists() or self._grads is None:
+            return
+        params = {
+            name: {
+                "class": type(p).__name__,
+                "local": list(getattr(p, "_local_tensor", p).shape),
+                "global": list(p.shape),
+                "trainable": p.requires_grad,
+                "grad": self._grads.get(name, False),
+            }
+            for name, p in pl_module.named_parameters()
+        }
+        info = {"world_size": trainer.world_size, "params": params}
+        layout.write_text(json.dumps(info))

@@ -157,12 +157,16 @@ class SampleGeneration(Callback):
         """Generate once at the end of fit."""
         self._generate(trainer, pl_module)
 
-    @rank_zero_only
     def _generate(self, trainer, pl_module) -> None:
         tokenizer = pl_module.tokenizer
         if not self.prompts or tokenizer is None or trainer.fast_dev_run:
             return
         from llamahome.model.generation import generate_text
+        from llamahome.training.distributed import is_fully_sharded
+
+        # A sharded (FSDP) model needs every rank in each forward; the text is the same on all.
+        if not (trainer.is_global_zero or is_fully_sharded(pl_module.model)):
+            return
 
         rows = generate_text(
             pl_module.model,
@@ -171,6 +175,8 @@ class SampleGeneration(Callback):
             cache_spec=pl_module.cache_spec,
             max_new_tokens=self.max_new_tokens,
         )
+        if not trainer.is_global_zero:
+            return
         step = trainer.global_step
         for prompt, text in zip(self.prompts, rows, strict=True):
             self.samples.append({"step": step, "prompt": prompt, "completion": text})

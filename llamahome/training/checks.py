@@ -28,6 +28,7 @@ __all__ = [
     "check_optimizer",
     "check_trainer",
     "resolve_ckpt_path",
+    "shards_model",
 ]
 
 
@@ -67,28 +68,72 @@ def check_trainer(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.val_check_interval must be > 0, got {vci}.")
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | None:
-    """``last`` means this run dir's ``checkpoints/last.ckpt``; a path must exist."""
+def resolve_ckpt_path(
+    ckpt_path: str | None, output_dir: str | Path, shards: bool = False
+) -> str | None:
+    """``last`` means this run dir's ``checkpoints/last.ckpt``; a path must exist.
+
+    A checkpoint is a file, or with ``trainer=fsdp|fsdp_sim`` a sharded directory (one shard
+    file per rank, ``training/sharded_checkpoint.py``), ``last.ckpt`` included.
+
+    Args:
+        ckpt_path: ``None``, ``"last"`` or a path.
+        output_dir: The run dir.
+        shards: Whether the run's strategy shards the model (it can read sharded checkpoints).
+
+    Returns:
+        The checkpoint path, or ``None`` for a fresh start.
+
+    Raises:
+        ConfigError: Nothing there, a directory that is no sharded checkpoint, or a sharded
+            checkpoint for a strategy that cannot read it.
+    """
+    from llamahome.training.sharded_checkpoint import is_sharded
+    from llamahome.utils.paths import restore_replaced_dir
+
     if ckpt_path in (None, ""):
         return None
-    if ckpt_path == "last":
-        path = Path(output_dir) / "checkpoints" / "last.ckpt"
-        if not path.is_file():
+    last = ckpt_path == "last"
+    path = Path(output_dir) / "checkpoints" / "last.ckpt" if last else Path(ckpt_path)
+    restore_replaced_dir(path)  # a kill between the two renames of a sharded save
+    if last and not path.exists():
+        raise ConfigError(
+            f"ckpt_path=last but {path} does not exist: resume with the old run dir, "
+            "e.g. `hydra.run.dir=outputs/train/runs/<time> ckpt_path=last`."
+        )
+    if path.is_dir():
+        if not is_sharded(path):
             raise ConfigError(
-                f"ckpt_path=last but {path} does not exist: resume with the old run dir, "
-                "e.g. `hydra.run.dir=outputs/train/runs/<time> ckpt_path=last`."
+                f"ckpt_path={ckpt_path} is a directory but not a sharded checkpoint (no meta.pt); "
+                "give the .ckpt file in it."
+            )
+        if not shards:
+            raise ConfigError(
+                f"ckpt_path={ckpt_path} is a sharded checkpoint (a directory of per-rank shards "
+                "written by trainer=fsdp or fsdp_sim): resume it with one of those trainers; "
+                "the shards load onto any number of ranks (on one CPU: trainer=fsdp_sim "
+                "trainer.devices=1)"
             )
         return str(path)
-    if Path(ckpt_path).is_dir():
-        if (Path(ckpt_path) / ".metadata").is_file():  # FSDP state_dict_type=sharded
-            return str(ckpt_path)
-        raise ConfigError(
-            f"ckpt_path={ckpt_path} is a directory but not a sharded checkpoint (no .metadata); "
-            "give the .ckpt file in it."
-        )
-    if not Path(ckpt_path).is_file():
+    if not path.is_file():
         raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist.")
-    return str(ckpt_path)
+    return str(path)
+
+
+def shards_model(cfg: DictConfig) -> bool:
+    """Whether ``trainer.strategy`` shards the model (FSDP2: ``trainer=fsdp|fsdp_sim``)."""
+    target = OmegaConf.select(cfg, "trainer.strategy._target_")
+    if not isinstance(target, str):
+        return False
+    if target == "llamahome.training.distributed.FSDP2Strategy":
+        return True  # without importing Lightning: config errors stay fast
+    from hydra.utils import get_class
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    try:
+        return issubclass(get_class(target), ModelParallelStrategy)
+    except (ImportError, ValueError, TypeError):
+        return False  # a bad target fails when the trainer is built, naming it
 
 
 def check_finetuning(cfg: Any, method: Any) -> Any:
@@ -103,7 +148,8 @@ def check_finetuning(cfg: Any, method: Any) -> Any:
 
     Raises:
         ConfigError: QLoRA cannot run here or on a randomly initialised model; fp16 mixed
-            precision on CPU; accumulation < 1; negative clipping; a bad ``compile`` value.
+            precision on CPU; accumulation < 1; negative clipping; a bad ``compile`` value, or
+            ``compile`` or QLoRA with FSDP.
     """
     trainer = cfg.get("trainer") or {}
     accelerator = trainer.get("accelerator")
@@ -123,12 +169,23 @@ def check_finetuning(cfg: Any, method: Any) -> Any:
     clip = trainer.get("gradient_clip_val")
     if clip is not None and not (isinstance(clip, int | float) and clip >= 0):
         raise ConfigError(f"trainer.gradient_clip_val must be >= 0 or null, got {clip!r}.")
-    compile_backend(cfg.get("compile", False))
+    if compile_backend(cfg.get("compile", False)) and shards_model(cfg):
+        # The compiled forward is the model's own, outside its __call__: FSDP's hook that
+        # gathers the root's weights (embeddings, head) would never run.
+        raise ConfigError(
+            f"compile={cfg.get('compile')} with an FSDP trainer (trainer=fsdp|fsdp_sim) is not "
+            "supported: use compile=false"
+        )
     rank = getattr(method, "r", None)  # peft fails on r=0 only once the model is wrapped
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ConfigError(f"peft.r must be a positive integer, got {rank!r}.")
     if not isinstance(method, QLoRA):
         return None
+    if shards_model(cfg):  # bitsandbytes' 4-bit weights are no tensors FSDP2 can shard
+        raise ConfigError(
+            "peft=qlora with an FSDP trainer (trainer=fsdp|fsdp_sim) is not supported: use "
+            "peft=lora with trainer=fsdp, or peft=qlora with trainer=gpu|ddp"
+        )
     model = cfg.get("model") or {}
     if model.get("pretrained") is None:
         raise ConfigError(
@@ -148,14 +205,17 @@ def check_launchable(cfg: DictConfig) -> None:
     already exists and nothing is re-launched.
 
     Raises:
-        ConfigError: ``strategy=ddp`` with more than one local device and no cluster launcher.
+        ConfigError: ``strategy=ddp`` (or FSDP, ``trainer=fsdp|fsdp_sim``) with more than one
+            local device and no cluster launcher.
     """
     from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
     trainer = cfg.get("trainer") or {}
     strategy = trainer.get("strategy", "auto")
     devices = trainer.get("devices", 1)
-    if not isinstance(strategy, str) or not strategy.startswith("ddp") or "spawn" in strategy:
+    if shards_model(cfg):  # FSDP2Strategy launches its ranks as ddp does
+        strategy = OmegaConf.select(cfg, "trainer.strategy._target_").rsplit(".", 1)[-1]
+    elif not isinstance(strategy, str) or not strategy.startswith("ddp") or "spawn" in strategy:
         return
     several = devices == -1 or devices == "auto" or (isinstance(devices, int) and devices > 1)
     if several and not (SLURMEnvironment.detect() or TorchElasticEnvironment.detect()):

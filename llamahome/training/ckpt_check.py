@@ -114,8 +114,17 @@ def check_checkpoint(path: str | Path, expected: Mapping[str, torch.Tensor], run
         ConfigError: Naming the file, what it holds and what the run expects.
     """
     state = load_checkpoint_safely(path)
-    where = f"ckpt_path={path}"
-    saved = state["state_dict"]
+    compare_with_run(state["state_dict"], expected, f"ckpt_path={path}", run)
+    return int(state["global_step"])
+
+
+def compare_with_run(
+    saved: Mapping[str, Any], expected: Mapping[str, Any], where: str, run: str
+) -> None:
+    """Raise a ConfigError naming what ``saved`` holds unlike ``expected`` (anything with .shape).
+
+    Shared by single-file and sharded (FSDP) checkpoints (``training/sharded_checkpoint.py``).
+    """
     saved_adapter = any(_ADAPTER.search(k) for k in saved)
     run_adapter = any(_ADAPTER.search(k) for k in expected)
     if saved_adapter != run_adapter:
@@ -142,7 +151,6 @@ def check_checkpoint(path: str | Path, expected: Mapping[str, torch.Tensor], run
                 f"{list(got)} in the checkpoint, {list(tensor.shape)} in the run; resume with "
                 "the model and peft settings (e.g. peft.r) the checkpoint was trained with"
             )
-    return int(state["global_step"])
 
 
 def expected_state(lit: Any) -> dict[str, torch.Tensor]:

@@ -80,8 +80,12 @@ class LlamaLitModule(L.LightningModule):
         return self.model(**inputs)
 
     def configure_model(self) -> None:
-        """Compile lazily, after the strategy has placed the model (Lightning's hook for it)."""
+        """Shard (trainer=fsdp|fsdp_sim), then compile lazily: Lightning's hook for both."""
         from llamahome.model.finetuning import compile_backend
+
+        parallelize = getattr(self.trainer.strategy, "parallelize", None)
+        if parallelize is not None:  # FSDP2Strategy (llamahome/training/distributed.py)
+            parallelize(self.model)
 
         backend = compile_backend(self.compile)
         if backend and self._compiled_forward is None:

@@ -1,9 +1,9 @@
 """Where LlamaHome keeps what it builds, how it names it, and how it writes it.
 
 One helper for each piece of plumbing: :func:`cache_root` is the only place that knows the cache
-directory, :func:`atomic_write` and :func:`atomic_dir` the only places that write by temporary
-name and rename. Everything built is content-addressed (:func:`fingerprint`): a changed input never
-reuses a stale artefact and an unchanged one is never rebuilt.
+directory, :func:`atomic_write`, :func:`atomic_dir` and :func:`replace_dir` the only places that
+write by temporary name and rename. Everything built is content-addressed (:func:`fingerprint`):
+a changed input never reuses a stale artefact and an unchanged one is never rebuilt.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ __all__ = [
     "cache_root",
     "fingerprint",
     "model_name",
+    "replace_dir",
+    "restore_replaced_dir",
 ]
 
 
@@ -154,6 +156,59 @@ def atomic_dir(target: Path, build: Callable[[Path], None]) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def replace_dir(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move the complete directory ``source`` to ``target``, replacing whatever is there.
+
+    POSIX cannot rename a directory over a non-empty one, so the old ``target`` first moves
+    aside (``.<name>.old``) and is deleted once the new one is in place. At every moment
+    ``target`` is the old or the new directory, whole, except between the two renames; a crash
+    there leaves the old one aside, which :func:`restore_replaced_dir` puts back.
+
+    Args:
+        source: A finished directory on the same filesystem (a temporary sibling of ``target``).
+        target: The directory (or file) to replace.
+    """
+    source, target = Path(source), Path(target)
+    restore_replaced_dir(target)
+    aside = _aside(target)
+    _remove_path(aside)  # a previous swap's leftover, if its last step was interrupted
+    if target.exists() or target.is_symlink():
+        os.rename(target, aside)
+    os.rename(source, target)
+    _fsync_dir(target.parent)
+    _remove_path(aside)
+
+
+def restore_replaced_dir(target: str | os.PathLike) -> bool:
+    """Undo a :func:`replace_dir` that a crash stopped between its two renames.
+
+    Args:
+        target: The directory that :func:`replace_dir` was replacing.
+
+    Returns:
+        Whether ``target`` was missing and the previous version was moved back.
+    """
+    target = Path(target)
+    aside = _aside(target)
+    if target.exists() or not aside.exists():
+        return False
+    with contextlib.suppress(FileNotFoundError):  # another rank restored it first
+        os.rename(aside, target)
+    return True
+
+
+def _aside(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _fsync_dir(directory: Path) -> None:
