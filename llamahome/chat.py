@@ -18,7 +18,6 @@ import hydra
 from omegaconf import DictConfig
 
 from llamahome.errors import LlamaHomeError
-from llamahome.model.generation import SAMPLING_KEYS, sampling_kwargs
 from llamahome.utils.cli import model_argument, quiet_libraries, user_errors
 from llamahome.utils.validation import build
 
@@ -98,6 +97,8 @@ def repl(session: Any, read=input) -> None:
 
 def chat(cfg: DictConfig) -> None:
     """Compose, load, and run the chat loop."""
+    from llamahome.model.generation import SAMPLING_KEYS, sampling_kwargs
+
     cache_spec = build(cfg, "cache")
     model_spec = build(cfg, "model")
     gen_kwargs = sampling_kwargs(**{key: cfg.get(key) for key in SAMPLING_KEYS})

@@ -51,13 +51,15 @@ def check_serve(cfg: DictConfig) -> dict[str, Any]:
 
 def build_server(cfg: DictConfig):
     """Load the model and return ``(app, engine, serve settings)``; the engine is started."""
+    serve = check_serve(cfg)
+    cache_spec = build(cfg, "cache")
+    model_spec = build(cfg, "model")
+
+    # After the checks: a bad serve.* or cache.* value is answered before torch and FastAPI load.
     from llamahome.model.load import load_model
     from llamahome.serving.app import ServeSettings, create_app
     from llamahome.serving.engine import Engine, build_cache
 
-    serve = check_serve(cfg)
-    cache_spec = build(cfg, "cache")
-    model_spec = build(cfg, "model")
     model, tokenizer = load_model(model_spec)
     engine = Engine(
         model, tokenizer, lambda spec, seq_len: build_cache(spec, model.config, seq_len),
@@ -81,8 +83,7 @@ def build_server(cfg: DictConfig):
 
 def serve(cfg: DictConfig) -> None:
     """Build the server and run uvicorn until interrupted."""
-    import uvicorn
-
+    check_serve(cfg)  # a bad serve.* value: one line, before the config tree and any loading
     if cfg.get("print_config"):
         from llamahome.utils.rich_utils import print_config_tree
 
@@ -95,6 +96,8 @@ def serve(cfg: DictConfig) -> None:
         f"cache={cfg.cache.policy} | batch<={serve_cfg['max_batch_size']} | {auth}",
         flush=True,
     )
+    import uvicorn
+
     try:
         uvicorn.run(
             app, host=serve_cfg["host"], port=serve_cfg["port"],
