@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from llamahome.errors import LlamaHomeError
-from llamahome.utils.cli import model_argument, quiet_libraries, user_errors
+from llamahome.utils.cli import launch, quiet_libraries, user_errors
 from llamahome.utils.validation import build
 
 HELP = (
@@ -140,5 +140,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    model_argument()  # model=<dir|run|hub id> -> model=hf model.pretrained=...
-    main()
+    launch(main, "chat")  # model=<dir|run|hub id>, one-line errors, fast --help

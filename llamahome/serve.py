@@ -21,7 +21,7 @@ import hydra
 from omegaconf import DictConfig
 
 from llamahome.errors import ConfigError
-from llamahome.utils.cli import model_argument, quiet_libraries, user_errors
+from llamahome.utils.cli import launch, quiet_libraries, user_errors
 from llamahome.utils.validation import build
 
 log = logging.getLogger("llamahome.serve")
@@ -118,5 +118,4 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     # Clients may also name the model as it was typed (model=outputs/train/runs/...).
     TYPED_MODEL.extend(a.removeprefix("model=") for a in sys.argv[1:] if a.startswith("model="))
-    model_argument()  # model=<dir|run|export|hub id> -> model=hf model.pretrained=...
-    main()
+    launch(main, "serve")  # model=<dir|run|hub id>, one-line errors, fast --help

@@ -15,7 +15,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from llamahome.utils.cli import is_rank_zero, model_argument, quiet_libraries, user_errors
+from llamahome.utils.cli import is_rank_zero, launch, quiet_libraries, user_errors
 from llamahome.utils.sweep import in_multirun, run_sweep_job
 from llamahome.utils.tracking import finish_run, redacted_config
 from llamahome.utils.validation import build, check_seed
@@ -199,5 +199,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    model_argument()  # model=<dir|run|hub id> -> model=hf model.pretrained=...
-    main()
+    launch(main, "train")  # model=<dir|run|hub id>, one-line errors, fast --help
