@@ -368,6 +368,7 @@ COMMAND_LINE_ROWS = [
     ("train-unknown-flag", "train", ("--lr", "1e-4"), "unknown option '--lr'"),
     ("eval-comma-without-m", "eval", ("cache=full,h2o",), "add -m (--multirun)"),
     ("train-add-existing-group", "train", ("+cache=h2o",), "write cache=<option>"),
+    ("train-group-null", "train", ("debug=null",), "a config group takes an option name"),
     *[(f"{e}-sweep-unknown-option", e, ("-m", "cache=full,nosuch"),
        "cache=nosuch is not an option") for e in ("train", "eval", "generate")],
     ("train-sweep-unknown-key", "train", ("-m", "optim.lrr=1e-4,3e-4"),

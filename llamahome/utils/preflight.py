@@ -158,6 +158,10 @@ def compose_config(config_name: str, overrides: Sequence[str]) -> Any:
             )
     except (HydraException, OmegaConfBaseException) as err:
         raise composition_error(err, config_name) from err
+    except ValueError as err:  # Hydra's defaults list raises plain ValueErrors (group=null)
+        raise ConfigError(
+            f"{_one_line(err)}: a config group takes an option name (~group removes the group)"
+        ) from err
 
 
 def composition_error(err: Exception, config_name: str) -> ConfigError:
