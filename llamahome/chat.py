@@ -18,8 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from llamahome.errors import LlamaHomeError
-from llamahome.model.generation import SAMPLING_KEYS, sampling_kwargs
-from llamahome.utils.cli import model_argument, quiet_libraries, user_errors
+from llamahome.utils.cli import launch, quiet_libraries, user_errors
 from llamahome.utils.validation import build
 
 HELP = (
@@ -98,6 +97,8 @@ def repl(session: Any, read=input) -> None:
 
 def chat(cfg: DictConfig) -> None:
     """Compose, load, and run the chat loop."""
+    from llamahome.model.generation import SAMPLING_KEYS, sampling_kwargs
+
     cache_spec = build(cfg, "cache")
     model_spec = build(cfg, "model")
     gen_kwargs = sampling_kwargs(**{key: cfg.get(key) for key in SAMPLING_KEYS})
@@ -139,5 +140,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    model_argument()  # model=<dir|run|hub id> -> model=hf model.pretrained=...
-    main()
+    launch(main, "chat")  # model=<dir|run|hub id>, one-line errors, fast --help

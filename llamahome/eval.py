@@ -30,7 +30,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from llamahome.evaluation.runner import describe_budget, identical_row, job_overrides, print_row
-from llamahome.utils.cli import model_argument, quiet_libraries, user_errors
+from llamahome.utils.cli import launch, quiet_libraries, user_errors
 from llamahome.utils.sweep import in_multirun, run_sweep_job
 from llamahome.utils.validation import build, check_seed
 
@@ -181,5 +181,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    model_argument()  # model=<dir|run|hub id> -> model=hf model.pretrained=...
-    main()
+    launch(main, "eval")  # model=<dir|run|hub id>, one-line errors, fast --help

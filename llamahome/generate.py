@@ -24,7 +24,7 @@ import hydra
 from omegaconf import DictConfig
 
 from llamahome.errors import ConfigError
-from llamahome.utils.cli import model_argument, quiet_libraries, user_errors
+from llamahome.utils.cli import launch, quiet_libraries, user_errors
 from llamahome.utils.sweep import in_multirun, run_sweep_job
 from llamahome.utils.validation import build, check_seed
 
@@ -190,5 +190,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    model_argument()  # model=<dir|run|hub id> -> model=hf model.pretrained=...
-    main()
+    launch(main, "generate")  # model=<dir|run|hub id>, one-line errors, fast --help

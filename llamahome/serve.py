@@ -21,7 +21,7 @@ import hydra
 from omegaconf import DictConfig
 
 from llamahome.errors import ConfigError
-from llamahome.utils.cli import model_argument, quiet_libraries, user_errors
+from llamahome.utils.cli import launch, quiet_libraries, user_errors
 from llamahome.utils.validation import build
 
 log = logging.getLogger("llamahome.serve")
@@ -51,13 +51,15 @@ def check_serve(cfg: DictConfig) -> dict[str, Any]:
 
 def build_server(cfg: DictConfig):
     """Load the model and return ``(app, engine, serve settings)``; the engine is started."""
+    serve = check_serve(cfg)
+    cache_spec = build(cfg, "cache")
+    model_spec = build(cfg, "model")
+
+    # After the checks: a bad serve.* or cache.* value is answered before torch and FastAPI load.
     from llamahome.model.load import load_model
     from llamahome.serving.app import ServeSettings, create_app
     from llamahome.serving.engine import Engine, build_cache
 
-    serve = check_serve(cfg)
-    cache_spec = build(cfg, "cache")
-    model_spec = build(cfg, "model")
     model, tokenizer = load_model(model_spec)
     engine = Engine(
         model, tokenizer, lambda spec, seq_len: build_cache(spec, model.config, seq_len),
@@ -81,8 +83,7 @@ def build_server(cfg: DictConfig):
 
 def serve(cfg: DictConfig) -> None:
     """Build the server and run uvicorn until interrupted."""
-    import uvicorn
-
+    check_serve(cfg)  # a bad serve.* value: one line, before the config tree and any loading
     if cfg.get("print_config"):
         from llamahome.utils.rich_utils import print_config_tree
 
@@ -95,6 +96,8 @@ def serve(cfg: DictConfig) -> None:
         f"cache={cfg.cache.policy} | batch<={serve_cfg['max_batch_size']} | {auth}",
         flush=True,
     )
+    import uvicorn
+
     try:
         uvicorn.run(
             app, host=serve_cfg["host"], port=serve_cfg["port"],
@@ -115,5 +118,4 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     # Clients may also name the model as it was typed (model=outputs/train/runs/...).
     TYPED_MODEL.extend(a.removeprefix("model=") for a in sys.argv[1:] if a.startswith("model="))
-    model_argument()  # model=<dir|run|export|hub id> -> model=hf model.pretrained=...
-    main()
+    launch(main, "serve")  # model=<dir|run|hub id>, one-line errors, fast --help

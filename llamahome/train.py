@@ -15,7 +15,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from llamahome.utils.cli import is_rank_zero, model_argument, quiet_libraries, user_errors
+from llamahome.utils.cli import is_rank_zero, launch, quiet_libraries, user_errors
 from llamahome.utils.sweep import in_multirun, run_sweep_job
 from llamahome.utils.tracking import finish_run, redacted_config
 from llamahome.utils.validation import build, check_seed
@@ -53,8 +53,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build everything the config names, fit, export; return the final metrics.
 
-    Cheap objects (specs, data module, optimizer check) are built first, so a bad value fails
-    in seconds, before the model loads.
+    What the config alone can tell is checked before torch, Lightning or transformers load, so
+    a typo is answered in about a second; then the checks that need torch (the optimizer on a
+    dummy parameter, the fine-tuning method), all before the model loads.
 
     Args:
         cfg: The composed ``conf/train.yaml``.
@@ -64,54 +65,59 @@ def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dic
         Metrics: the Trainer's callback metrics plus ``val/loss_first``, ``val/loss_best``,
         ``train/tokens_per_sec`` and ``time/total_s``.
     """
+    from llamahome.training.checks import (
+        check_learning_rate,
+        check_trainer,
+        resolve_ckpt_path,
+        shards_model,
+    )
+    from llamahome.training.run_guards import adapt_to_missing_validation, clamp_log_every
+
+    start = time.perf_counter()
+    output_dir = Path(cfg.paths.output_dir)
+
+    # 1. Validate from the config alone (no torch yet): everything a typo can break fails here.
+    check_trainer(cfg)
+    clamp_log_every(cfg)
+    adapt_to_missing_validation(cfg)
+    check_learning_rate(cfg)
+    check_seed(cfg)
+    model_spec = build(cfg, "model")
+    cache_spec = build(cfg, "cache")
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, shards=shards_model(cfg))
+    if cfg.get("print_config") and is_rank_zero():
+        from llamahome.utils.rich_utils import print_config_tree
+
+        print_config_tree(cfg, save_to=output_dir / "config_tree.log")
+
+    # 2. The checks that need torch: the optimizer on a dummy parameter, the fine-tuning method.
     import lightning as L
     import torch
 
     from llamahome.model.finetuning import apply_finetuning
     from llamahome.model.load import load_model, load_tokenizer
-    from llamahome.training.checks import (
-        check_finetuning,
-        check_launchable,
-        check_optimizer,
-        check_trainer,
-        resolve_ckpt_path,
-        shards_model,
-    )
+    from llamahome.training.checks import check_finetuning, check_launchable, check_optimizer
     from llamahome.training.ckpt_check import check_checkpoint, expected_state
     from llamahome.training.loggers import remember_wandb_runs
     from llamahome.training.module import LlamaLitModule
-    from llamahome.training.run_guards import adapt_to_missing_validation, clamp_log_every
     from llamahome.training.run_logs import finish_run_hyperparams, log_run_hyperparams
     from llamahome.training.sharded_checkpoint import check_sharded
     from llamahome.training.signals import stop_on_signals
-    from llamahome.utils.rich_utils import print_config_tree, print_table
+    from llamahome.utils.rich_utils import print_table
 
-    start = time.perf_counter()
-    output_dir = Path(cfg.paths.output_dir)
-    if cfg.get("print_config") and is_rank_zero():
-        print_config_tree(cfg, save_to=output_dir / "config_tree.log")
-
-    # 1. Validate: everything that can fail on a typo fails here, in seconds.
-    check_trainer(cfg)
-    clamp_log_every(cfg)
-    adapt_to_missing_validation(cfg)
     check_optimizer(cfg)
     if in_multirun():
         check_launchable(cfg)
-    model_spec = build(cfg, "model")
-    check_seed(cfg)
-    cache_spec = build(cfg, "cache")
     finetuning = build(cfg, "peft")
     # QLoRA without a GPU, fp16 AMP on CPU, bad levers: fail now; the 4-bit config if qlora.
     quantization = check_finetuning(cfg, finetuning)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, shards=shards_model(cfg))
     L.seed_everything(cfg.seed, workers=True)
 
-    # 2. Data (tokenizer first: the data module tokenizes with it and validates its keys).
+    # 3. Data (tokenizer first: the data module tokenizes with it and validates its keys).
     tokenizer = load_tokenizer(model_spec)
     datamodule = build(cfg, "data", tokenizer=tokenizer)
 
-    # 3. Model, adapters, LightningModule.
+    # 4. Model, adapters, LightningModule.
     load_start = time.perf_counter()
     model, tokenizer = load_model(model_spec, tokenizer=tokenizer, quantization=quantization)
     model = apply_finetuning(model, finetuning)
@@ -131,7 +137,7 @@ def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dic
         check = check_checkpoint if Path(ckpt_path).is_file() else check_sharded
         check(ckpt_path, expected_state(lit), run)
 
-    # 4. Trainer with callbacks and loggers from their config groups.
+    # 5. Trainer with callbacks and loggers from their config groups.
     callbacks = [build(cfg, f"callbacks.{name}") for name in cfg.get("callbacks") or {}]
     loggers = [build(cfg, f"logger.{name}") for name in cfg.get("logger") or {}]
     log_run_hyperparams(loggers, redacted_config(cfg))
@@ -206,5 +212,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    model_argument()  # model=<dir|run|hub id> -> model=hf model.pretrained=...
-    main()
+    launch(main, "train")  # model=<dir|run|hub id>, one-line errors, fast --help

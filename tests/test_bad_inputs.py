@@ -258,9 +258,9 @@ def test_api_misuse_raises_a_named_llamahome_error(call, kind, phrase) -> None:
 
 # ------------------------------------------------------------------------------ real CLI
 CLI_ROWS = [
-    # Hydra's own override parsing: its one-line message, exit status 1.
-    ("unknown-key", ("optim.not_a_key=1",), 1, "not_a_key"),
-    ("unknown-group-option", ("cache=nosuch",), 1, "nosuch"),
+    # Overrides Hydra refuses: checked before Hydra runs (utils/preflight.py), one line, exit 2.
+    ("unknown-key", ("optim.not_a_key=1",), 2, "optim.not_a_key is not a config key"),
+    ("unknown-group-option", ("cache=nosuch",), 2, "cache=nosuch is not an option of cache"),
     # The run-dir guard, before Hydra writes anything.
     ("run-dir-under-a-file", ("hydra.run.dir={file}/run",), 2, "is a file in the way"),
     ("run-dir-unwritable", ("hydra.run.dir=/proc/llamahome-run",), 2, "hydra.run.dir=/proc"),
@@ -336,3 +336,71 @@ def test_bad_request_is_an_openai_error(serve_app, method, path, body, status, p
     # The server survives every row: a good request still gets an answer.
     ok = serve_app.get("/health")
     assert ok.status_code == 200
+
+
+# ------------------------------------------------------------------------------ command line
+# What Hydra would refuse with a multi-line message (exit 1) is checked before it runs
+# (utils/preflight.py via utils/cli.py:launch): one `error: ConfigError:` line, exit 2, for every
+# entry point. (id, entry, arguments, phrase in the line.) In-process: the same `launch` as
+# `python -m llamahome.<entry>`; the last test sends real non-UTF-8 bytes through the OS.
+_OPTIONS = "choose one of full, h2o, keydiff, knorm, sink, snapkv, tova, window"
+_ENTRIES = ("train", "eval", "generate", "chat", "serve")
+COMMAND_LINE_ROWS = [
+    *[(f"{e}-unknown-option", e, ("cache=nosuch",),
+       f"cache=nosuch is not an option of cache: {_OPTIONS}") for e in _ENTRIES],
+    ("train-option-typo", "train", ("model=tny",), "Did you mean model=tiny?"),
+    ("train-unknown-key", "train", ("optim.lrr=1",),
+     "optim.lrr is not a config key: optim has no 'lrr'; its keys are lr, betas, weight_decay, "
+     "eps. Did you mean optim.lr?"),
+    ("eval-unknown-key", "eval", ("task=passkey", "task.lenghts=[64]"),
+     "Did you mean task.lengths?"),
+    ("generate-unknown-key", "generate", ("generate.max_new_tokens=8",),
+     "the generate config has no 'generate'; its keys are "),
+    ("chat-unknown-key", "chat", ("chat.max_new_tokens=8",), "Did you mean max_new_tokens?"),
+    ("serve-unknown-key", "serve", ("serve.prot=9000",), "Did you mean serve.port?"),
+    *[(f"{e}-not-utf8", e, ("seed=1", "system_prompt=caf\udce9"),
+       "the argument 'system_prompt=caf\\xe9' is not UTF-8 text (byte 0xe9)") for e in _ENTRIES],
+    *[(f"{e}-malformed", e, ("cache.budget_ratio=[0.2",),
+       "cannot parse the override 'cache.budget_ratio=[0.2'") for e in ("train", "eval", "chat")],
+    ("generate-no-equals", "generate", ("prompt",),
+     "cannot parse the override 'prompt' (missing EQUAL"),
+    ("serve-unclosed-quote", "serve", ("serve.api_key='abc",), "cannot parse the override"),
+    ("train-unknown-flag", "train", ("--lr", "1e-4"), "unknown option '--lr'"),
+    ("eval-comma-without-m", "eval", ("cache=full,h2o",), "add -m (--multirun)"),
+    ("train-add-existing-group", "train", ("+cache=h2o",), "write cache=<option>"),
+    ("train-group-null", "train", ("debug=null",), "a config group takes an option name"),
+    *[(f"{e}-sweep-unknown-option", e, ("-m", "cache=full,nosuch"),
+       "cache=nosuch is not an option") for e in ("train", "eval", "generate")],
+    ("train-sweep-unknown-key", "train", ("-m", "optim.lrr=1e-4,3e-4"),
+     "optim.lrr is not a config key"),
+]
+
+
+@pytest.mark.parametrize(
+    ("entry", "args", "phrase"), [pytest.param(*r[1:], id=r[0]) for r in COMMAND_LINE_ROWS]
+)
+def test_command_line_mistake_is_one_line_exit_2(entry, args, phrase, monkeypatch, capsys):
+    from llamahome.utils.cli import launch
+
+    module = importlib.import_module(f"llamahome.{entry}")
+    monkeypatch.setattr(sys, "argv", [f"llamahome/{entry}.py", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        launch(module.main, entry)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err[-2000:]
+    assert err.count("\n") == 1 and err.startswith("error: ConfigError: "), err[-2000:]
+    assert phrase in err, err
+
+
+def test_non_utf8_bytes_on_the_real_command_line_are_one_line(tmp_path) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("LLAMAHOME_DEBUG", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "llamahome.chat", b"system_prompt=caf\xe9"],
+        cwd=tmp_path, env=env, capture_output=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.decode() == (
+        "error: ConfigError: the argument 'system_prompt=caf\\xe9' is not UTF-8 text (byte 0xe9): "
+        "retype it, or set a UTF-8 locale in the terminal (e.g. LANG=C.UTF-8).\n"
+    )

@@ -27,7 +27,7 @@ JOB = (
 
 
 def multirun(
-    sweep_dir: Path, *args: str, job: tuple[str, ...] = JOB, timeout: int = 400
+    sweep_dir: Path, *args: str, job: tuple[str, ...] = JOB, timeout: int = 400, code: int = 0
 ) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [
@@ -45,7 +45,7 @@ def multirun(
         text=True,
         timeout=timeout,
     )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert result.returncode == code, (result.stdout + result.stderr)[-4000:]
     return result
 
 
@@ -112,7 +112,7 @@ def test_optuna_two_trials_minimise_the_returned_metric(tmp_path) -> None:
 
 def test_a_failing_job_is_logged_and_summarised_and_the_sweep_goes_on(tmp_path) -> None:
     sweep = tmp_path / "failing"
-    result = multirun(sweep, "optim.lr=-1,3e-3")
+    result = multirun(sweep, "optim.lr=-1,3e-3", code=1)  # a job failed: the sweep exits 1
     output = result.stdout + result.stderr
     failed, completed = statuses(sweep, 2)
     assert failed["status"] == "failed" and "ConfigError" in failed["error"]
@@ -124,6 +124,8 @@ def test_a_failing_job_is_logged_and_summarised_and_the_sweep_goes_on(tmp_path) 
     summary = json.loads((sweep / "sweep_summary.json").read_text())
     assert summary["failed"] == [0] and summary["completed"] == [1]
     assert "#0 FAILED: ConfigError" in output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"error: 1 of 2 sweep jobs failed (#0); see {sweep / 'sweep_summary.json'}"
 
 
 def test_submitit_local_launcher_isolates_a_job_that_crashes_mid_training(tmp_path) -> None:
@@ -133,6 +135,7 @@ def test_submitit_local_launcher_isolates_a_job_that_crashes_mid_training(tmp_pa
         "hydra/launcher=submitit_local",
         "+callbacks.crash._target_=scaleout_helpers.CrashAtStep",
         "+callbacks.crash.step=1,1000",  # job 0 raises after its first step, job 1 never does
+        code=1,
     )
     crashed, completed = statuses(sweep, 2)
     assert crashed["status"] == "failed"

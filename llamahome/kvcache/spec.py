@@ -29,35 +29,26 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
-from typing import Any
-
-from transformers import Cache, DynamicCache, PretrainedConfig
+from typing import TYPE_CHECKING, Any
 
 from llamahome.errors import CacheError, ConfigError
-from llamahome.kvcache.attention import (
-    HYBRID_ATTENTION,
-    HYBRID_EAGER_ATTENTION,
-    HYBRID_IMPLEMENTATIONS,
-    register_hybrid_attention,
-)
 from llamahome.kvcache.budget import RATIO_BASES, Budget
-from llamahome.kvcache.decode_group import DecodeGroup
-from llamahome.kvcache.policies import LAYER_TYPES, rope_inv_freq
+
+# torch and transformers load in `build`, not here: conf/cache/*.yaml instantiate `CacheSpec`
+# while the command line is checked, and a bad budget must fail before torch loads (issue #18).
+if TYPE_CHECKING:
+    from transformers import Cache, PretrainedConfig
 
 POLICIES = ("full", "window", "sink", "h2o", "keydiff", "knorm", "tova", "snapkv")
 DEFAULT_HEAVY_RATIO = 0.1
 DEFAULT_RECENT_RATIO = 0.1
 DEFAULT_SINK_TOKENS = 4
 DEFAULT_MIN_TOKENS = 1024
-# Attention implementations a cache may switch to their hybrid twin (same output).
-_SAME_NUMERICS = {"sdpa": HYBRID_ATTENTION, "eager": HYBRID_EAGER_ATTENTION}
 
 __all__ = [
     "POLICIES",
     "CacheBudgetError",
     "CacheSpec",
-    "FullCache",
-    "PolicyCache",
     "full_kv_bytes",
     "keep_ratio",
     "kv_bytes",
@@ -70,24 +61,13 @@ class CacheBudgetError(CacheError, ConfigError):
     """A cache policy or budget key is wrong: both a `CacheError` and a `ConfigError`."""
 
 
-class PolicyCache(Cache):
-    """A `transformers.Cache` whose layers evict (window, sink or h2o)."""
+def __getattr__(name: str) -> Any:
+    # The Cache classes subclass transformers' and live in caches.py; reached here on first use.
+    if name in ("FullCache", "PolicyCache"):
+        from llamahome.kvcache import caches
 
-    def __init__(self, layers: list, policy: str) -> None:
-        """Wrap ready-made layers.
-
-        Args:
-            layers: One `EvictingLayer` per decoder layer.
-            policy: The policy name, kept for logs and summaries.
-        """
-        super().__init__(layers=layers)
-        self.policy = policy
-
-
-class FullCache(DynamicCache):
-    """transformers' `DynamicCache` (no eviction), with a ``policy`` name like the others."""
-
-    policy = "full"
+        return getattr(caches, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _integer(key: str, value: Any, minimum: int) -> int | None:
@@ -319,6 +299,10 @@ class CacheSpec:
             isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1
         ):
             raise CacheError(f"seq_len={seq_len!r} must be an integer >= 1 (or None).")
+        from llamahome.kvcache.caches import FullCache, PolicyCache
+        from llamahome.kvcache.decode_group import DecodeGroup
+        from llamahome.kvcache.policies import LAYER_TYPES, rope_inv_freq
+
         if self.policy == "full":
             return FullCache(config=model_config)
         _use_hybrid_attention(model_config, self.policy)
@@ -335,14 +319,23 @@ class CacheSpec:
 
 def _use_hybrid_attention(config: PretrainedConfig, policy: str) -> None:
     """Make sure the model whose config this is feeds its cache layers (see attention.py)."""
+    from llamahome.kvcache.attention import (
+        HYBRID_ATTENTION,
+        HYBRID_EAGER_ATTENTION,
+        HYBRID_IMPLEMENTATIONS,
+        register_hybrid_attention,
+    )
+
+    # Attention implementations a cache may switch to their hybrid twin (same output).
+    same_numerics = {"sdpa": HYBRID_ATTENTION, "eager": HYBRID_EAGER_ATTENTION}
     impl = getattr(config, "_attn_implementation", None)
     if impl in HYBRID_IMPLEMENTATIONS or impl is None:
         return  # None: a config not yet bound to a model; update() raises if it never gets one
-    if impl in _SAME_NUMERICS:
+    if impl in same_numerics:
         # The hybrid functions compute what sdpa / eager compute (plus the statistics), so
         # switching the model's shared config object switches all its attention modules, safely.
         register_hybrid_attention()
-        config._attn_implementation_internal = _SAME_NUMERICS[impl]
+        config._attn_implementation_internal = same_numerics[impl]
         return
     raise CacheBudgetError(
         f"cache.policy={policy} needs the hybrid attention, but the model uses {impl!r}: load it "

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from llamahome.errors import ConfigError
 
 # The sampling keys of conf/generate.yaml and conf/chat.yaml (transformers generate() knobs).
@@ -79,7 +77,6 @@ def cache_kwarg() -> str:
     return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 
 
-@torch.no_grad()
 def generate_text(
     model,
     tokenizer,
@@ -104,6 +101,8 @@ def generate_text(
     Returns:
         The decoded continuation of each prompt.
     """
+    # No torch import at module level (sampling_kwargs validates the CLI before torch loads);
+    # model.generate runs under torch.no_grad itself.
     was_training = model.training
     model.eval()
     texts = format_prompts(tokenizer, prompts, chat=chat)

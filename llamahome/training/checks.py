@@ -1,8 +1,14 @@
 """Every check of a train config that can fail in seconds, before a model loads.
 
-Trainer values, the optimizer on a dummy parameter, the fine-tuning method with its memory and
-speed levers, the resume checkpoint path, and whether the trainer strategy can launch here. Each
-raises a ``ConfigError`` that names the key, so a typo costs seconds, not a model load.
+Trainer values, the learning rate, the optimizer on a dummy parameter, the fine-tuning method
+with its memory and speed levers, the resume checkpoint path, and whether the trainer strategy
+can launch here. Each raises a ``ConfigError`` that names the key, so a typo costs seconds, not
+a model load.
+
+Two tiers: :func:`check_trainer`, :func:`check_learning_rate` and :func:`resolve_ckpt_path` read
+the config only and import nothing heavy, so ``train`` runs them before torch loads (a typo is
+answered in about a second); :func:`check_optimizer`, :func:`check_finetuning` and
+:func:`check_launchable` need torch or Lightning and run after them.
 """
 
 from __future__ import annotations
@@ -10,21 +16,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from llamahome.errors import ConfigError
-from llamahome.model.finetuning import (
-    GPU_ONLY_PRECISIONS,
-    QLoRA,
-    compile_backend,
-    require_qlora_support,
-)
 from llamahome.utils.validation import build, error_message
 
 __all__ = [
     "check_finetuning",
     "check_launchable",
+    "check_learning_rate",
     "check_optimizer",
     "check_trainer",
     "resolve_ckpt_path",
@@ -32,13 +32,20 @@ __all__ = [
 ]
 
 
+def check_learning_rate(cfg: DictConfig) -> None:
+    """Refuse an ``optim.lr`` that is not a positive number (without importing torch)."""
+    lr = OmegaConf.select(cfg, "optim.lr")
+    if lr is not None and not (
+        isinstance(lr, int | float) and not isinstance(lr, bool) and lr > 0
+    ):
+        raise ConfigError(f"optim.lr must be a positive number, got {lr!r}.")
+
+
 def check_optimizer(cfg: DictConfig) -> None:
-    """Build the optimizer and scheduler on a dummy parameter: a bad lr fails now, not later."""
+    """Build the optimizer and scheduler on a dummy parameter: a bad value fails now, not later."""
     import torch
 
-    lr = OmegaConf.select(cfg, "optim.lr")
-    if lr is not None and not (isinstance(lr, int | float) and lr > 0):
-        raise ConfigError(f"optim.lr must be a positive number, got {lr!r}.")
+    check_learning_rate(cfg)
     factory = build(cfg, "optim")
     try:
         optimizer = factory([torch.nn.Parameter(torch.zeros(1))])
@@ -151,6 +158,15 @@ def check_finetuning(cfg: Any, method: Any) -> Any:
             precision on CPU; accumulation < 1; negative clipping; a bad ``compile`` value, or
             ``compile`` or QLoRA with FSDP.
     """
+    import torch
+
+    from llamahome.model.finetuning import (
+        GPU_ONLY_PRECISIONS,
+        QLoRA,
+        compile_backend,
+        require_qlora_support,
+    )
+
     trainer = cfg.get("trainer") or {}
     accelerator = trainer.get("accelerator")
     no_gpu = not torch.cuda.is_available()

@@ -21,12 +21,13 @@ import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from llamahome.errors import ConfigError
 from llamahome.utils.paths import atomic_write, replace_dir, restore_replaced_dir
+
+if TYPE_CHECKING:  # torch loads in the functions: resolve_ckpt_path runs before it (start-up)
+    import torch
 
 #: Lightning's name for the non-tensor state in a sharded checkpoint
 #: (``lightning.fabric.utilities.load._METADATA_FILENAME``).
@@ -49,6 +50,7 @@ def save(checkpoint: dict[str, Any], path: str | os.PathLike, strategy: Any) -> 
         path: The target directory (the same on every rank).
         strategy: The running strategy (rank, broadcast, barrier).
     """
+    import torch
     from torch.distributed.checkpoint import save as save_shards
 
     target = Path(path)
@@ -91,6 +93,7 @@ def load_partial(
     Raises:
         ConfigError: A trainable parameter has no tensor in the checkpoint.
     """
+    import torch
     from torch.distributed.checkpoint import load as load_shards
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -168,6 +171,8 @@ def check_sharded(path: str | os.PathLike, expected: Mapping[str, torch.Tensor],
 
 
 def _read_meta(directory: Path) -> Mapping[str, Any]:
+    import torch
+
     file = directory / META_FILE
     try:
         meta = torch.load(file, map_location="cpu", weights_only=True)

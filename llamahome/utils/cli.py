@@ -3,17 +3,70 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from llamahome.errors import ConfigError, LlamaHomeError
 from llamahome.utils.paths import CONF_DIR, model_name
 
 log = logging.getLogger("llamahome")
+
+
+def launch(hydra_main: Callable[[], Any], config_name: str) -> None:
+    """Run an entry point's ``@hydra.main`` function on ``sys.argv``, LlamaHome's way.
+
+    Before Hydra: ``model=<dir|run|hub id>`` is rewritten (:func:`model_argument`); ``--help`` is
+    answered from one composition (``utils/app_help.py``: under a second, Hydra's takes several);
+    and the command line is checked (``utils/preflight.py``): an argument that is not UTF-8, an
+    override that does not parse, a group option or a key that does not exist is one ``error:``
+    line with exit status 2, like every user error. After Hydra: a multirun in which a job
+    failed exits with status 1, after its summary.
+
+    Args:
+        hydra_main: The ``@hydra.main``-decorated function (Hydra reads ``sys.argv``).
+        config_name: Its primary config (``train``, ``eval`` ...).
+    """
+    from llamahome.utils.preflight import (
+        check_argument_text,
+        check_command_line,
+        parse_hydra_args,
+    )
+
+    with user_errors():
+        check_argument_text(sys.argv[1:])
+    model_argument()
+    with user_errors():
+        args = parse_hydra_args(sys.argv[1:])
+        name = args.config_name or config_name
+        if args.help and not args.hydra_only:
+            from llamahome.utils.app_help import render_help
+
+            text = render_help(name, args.overrides, resolve=args.resolve)
+            if text is not None:
+                _print_help(text)
+                return
+        elif not args.hydra_only:
+            check_command_line(name, args.overrides, multirun=args.multirun)
+    hydra_main()
+
+    from llamahome.utils.sweep import failed_jobs_line
+
+    if (failed := failed_jobs_line()) is not None:
+        print(f"error: {failed}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+
+
+def _print_help(text: str) -> None:
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `--help | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @contextlib.contextmanager
@@ -127,9 +180,11 @@ def _model_overrides(value: str) -> list[str]:
             )
         value = str(path.resolve())
     elif not _HUB_ID.match(value):
+        close = difflib.get_close_matches(value, options, n=1)
+        hint = f" Did you mean model={close[0]}?" if close else ""
         raise ConfigError(
             f"model={value} is not a conf/model option ({', '.join(options)}), not an existing "
-            "directory, and not a hub id (owner/name). Check the spelling or the path."
+            f"directory, and not a hub id (owner/name).{hint} Check the spelling or the path."
         )
     return [
         "model=hf",

@@ -8,7 +8,8 @@ entry point runs each job through :func:`run_sweep_job`, which logs the error in
 (the traceback goes to the job's ``error.log``), records ``job_status.json`` in the job dir and
 returns ``None``, the value sweepers treat as "no result" (Optuna marks the trial failed and
 moves on). :class:`SweepSummary`, a Hydra callback (``conf/hydra/default.yaml``), reads those
-files when the sweep ends and writes ``sweep_summary.json`` naming every job that failed.
+files when the sweep ends and writes ``sweep_summary.json`` naming every job that failed; the
+command then exits with status 1 (:func:`failed_jobs_line`, read by ``utils/cli.py:launch``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ log = logging.getLogger("llamahome.sweep")
 STATUS_FILE = "job_status.json"
 ERROR_FILE = "error.log"
 SUMMARY_FILE = "sweep_summary.json"
+# The summaries of the multiruns this process ran: the entry point's exit status reads them.
+_SUMMARIES: list[dict[str, Any]] = []
 
 
 def in_multirun() -> bool:
@@ -148,6 +151,22 @@ class SweepSummary(Callback):
         summary = summarize(sweep_dir, minimize=str(direction).lower().startswith("min"))
         (sweep_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         _log_summary(summary, sweep_dir)
+        _SUMMARIES.append(summary)
+
+
+def failed_jobs_line() -> str | None:
+    """One line naming the failed (or killed) jobs of this process's multiruns, else ``None``.
+
+    The entry points print it and exit with status 1 (``utils/cli.py:launch``): a sweep in which
+    a job failed must not look like a success to a script or a CI step.
+    """
+    for summary in _SUMMARIES:
+        bad = sorted(summary["failed"] + summary["unknown"], key=lambda n: (n is None, n or 0))
+        if bad:
+            nums = ", ".join(f"#{n}" for n in bad)
+            path = Path(summary["sweep_dir"]) / SUMMARY_FILE
+            return f"{len(bad)} of {len(summary['jobs'])} sweep jobs failed ({nums}); see {path}"
+    return None
 
 
 def summarize(sweep_dir: Path, minimize: bool = True) -> dict[str, Any]:
