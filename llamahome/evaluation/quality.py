@@ -25,6 +25,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("llamahome.eval")
+_WARNED: set[tuple[str, str]] = set()
 
 __all__ = ["QualityReport", "available_options", "sweep_options", "sweep_values"]
 
@@ -51,7 +52,8 @@ def sweep_options(group: str, names: Sequence[Any]) -> str:
     known = available_options(group)
     kept = [n for n in names if known is None or n in known]
     for name in names:
-        if name not in kept:
+        if name not in kept and (group, name) not in _WARNED:
+            _WARNED.add((group, name))  # Hydra resolves the sweep list more than once
             log.warning(
                 "sweep: %s=%s is skipped: no conf/%s/%s.yaml is installed (options: %s)",
                 group,
