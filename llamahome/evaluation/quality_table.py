@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ PLOT = "quality.png"
 _PROTOCOL = {"question_protected": "QP", "question_compressed": "QC"}
 _TASK_ORDER = ("streaming_ppl", "ruler", "passkey")
 
-__all__ = ["QualityTable", "build_table", "plot_quality", "write_quality_report"]
+__all__ = ["QualityTable", "build_table", "markdown", "write_quality_report"]
 
 
 @dataclass
@@ -252,9 +251,12 @@ def markdown(table: QualityTable, failures: Sequence[str] = ()) -> str:
         head += [f"{cell.label} {_length_label(n)}" for n in cell.lengths]
         head.append(f"{cell.label} all" if cell.lengths else cell.label)
     head += ["time vs full", f"smallest budget within {table.tolerance:.0%} of full"]
+    better = "; ".join(sorted({_describe(c) for c in table.cells}))
     lines = [
-        f"### Quality against the full cache (score, and its share of full; ppl: change; "
-        f"{'; '.join(sorted({_describe(c) for c in table.cells}))})",
+        "### Quality against the full cache",
+        "",
+        "Each cell: the score and, in brackets, its share of the full cache's (ppl: its change "
+        f"against full). {better}.",
         "",
         "| " + " | ".join(head) + " |",
         "|---|---|" + "---:|" * (len(head) - 2),
@@ -325,50 +327,6 @@ def write_csv(table: QualityTable, path: Path) -> Path:
     return path
 
 
-def plot_quality(table: QualityTable, rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """Each task's score against the achieved keep ratio, one line per policy (one panel each)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and in tests
-    import matplotlib.pyplot as plt
-
-    cells = table.cells
-    cols = min(3, max(1, len(cells)))
-    lines = math.ceil(max(1, len(cells)) / cols)
-    fig, axes = plt.subplots(lines, cols, figsize=(5.2 * cols, 4 * lines), squeeze=False)
-    full = next((r for r in table.rows if r["policy"] == "full"), {})
-    for ax, cell in zip(axes.flat, cells, strict=False):
-        for policy in dict.fromkeys(r["policy"] for r in table.rows if r["policy"] != "full"):
-            points = sorted(
-                (r["keep_ratio"], r[cell.key])
-                for r in table.rows
-                if r["policy"] == policy and finite(r.get(cell.key)) and finite(r.get("keep_ratio"))
-            )
-            if points:
-                xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, marker="o", label=policy)
-        if finite(full.get(cell.key)):
-            base = float(full[cell.key])
-            ax.axhline(base, color="black", linestyle="--", label=f"full ({num(base)})")
-            band = base * (1 - table.tolerance if cell.higher_is_better else 1 + table.tolerance)
-            ax.axhline(band, color="grey", linestyle=":", label=f"{table.tolerance:.0%} from full")
-        better = "higher" if cell.higher_is_better else "lower"
-        ax.set_title(f"{cell.label}: {cell.metric} ({better} is better)")
-        ax.set_xlabel("achieved keep ratio (tokens held / seen)")
-        ax.set_ylabel(cell.metric)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    for ax in list(axes.flat)[len(cells) :]:
-        ax.axis("off")
-    models = ", ".join(dict.fromkeys(str(r.get("model")) for r in rows))
-    fig.suptitle(f"Quality vs keep ratio: {models}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def _failures(sweep_dir: Path) -> list[str]:
     """Failed or unfinished jobs of a sweep, one line each (from ``utils.sweep.summarize``)."""
     from llamahome.utils.sweep import summarize
@@ -402,6 +360,8 @@ def write_quality_report(
     rows = collect_rows(sweep_dir) if rows is None else [dict(r) for r in rows]
     if not rows:
         return {}
+    from llamahome.evaluation.quality_plot import plot_quality
+
     table = build_table(rows, policies, tolerance)
     text = markdown(table, _failures(sweep_dir))
     markdown_path = sweep_dir / MARKDOWN
@@ -409,7 +369,7 @@ def write_quality_report(
     return {
         "markdown": markdown_path,
         "csv": write_csv(table, sweep_dir / CSV),
-        "plot": plot_quality(table, rows, sweep_dir / PLOT),
+        "plot": plot_quality(table, rows, sweep_dir / PLOT),  # quality_plot.py
     }
 
 
