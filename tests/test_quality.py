@@ -137,21 +137,29 @@ def test_plot_has_a_panel_per_task_and_protocol(preset):
     assert (sweep_dir / "quality.png").stat().st_size > 30_000
 
 
-def test_rerun_in_the_sweep_dir_resumes(preset, tmp_path):
-    sweep_dir, _ = preset
-    rows = {r["job"]: r for r in _job_rows(sweep_dir)}
-    redo = next(j for j, r in rows.items() if r["policy"] == "h2o" and r["task"] == "ruler")
-    (sweep_dir / redo / "results.jsonl").unlink()  # as if that job had been killed
-    proc = run_eval(*QUICK, f"hydra.sweep.dir={sweep_dir}", timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    output = proc.stdout + proc.stderr
-    assert output.count("Resuming the sweep") == JOBS - 1
-    again = {r["job"]: r for r in _job_rows(sweep_dir)}
-    assert set(again) == set(rows)
-    for name, row in again.items():
-        if name != redo:
-            assert row["time"] == rows[name]["time"]  # kept, not recomputed
-    assert again[redo]["value"] == rows[redo]["value"]  # recomputed: seeded, the same answer
+def test_rerun_in_the_sweep_dir_resumes(tmp_path):
+    """A job whose own directory holds its row keeps it (a resumed sweep); a twin's is copied."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from llamahome.evaluation.results import config_hash, write_rows
+    from llamahome.evaluation.runner import identical_row
+
+    sweep_dir = tmp_path / "sweep"
+    overrides = ["sweep=quality_quick", "quality_task=ruler_protected", "cache=h2o"]
+    overrides += ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={sweep_dir}"]
+    cfg = compose("eval", overrides, sweep_dir / "3")
+    assert HydraConfig.get().sweep.dir == str(sweep_dir)
+    digest = config_hash(cfg)
+    row = {"task": "ruler", "config_hash": digest, "value": 0.5, "time": "t0"}
+    assert identical_row(cfg, digest, "ruler") is None  # nothing ran yet: run it
+    write_rows([row], sweep_dir / "3")  # this job finished before the sweep was stopped
+    assert identical_row(cfg, digest, "ruler") == row  # kept as it is, not recomputed
+    assert identical_row(cfg, "another-hash", "ruler") is None
+    (sweep_dir / "3" / "results.jsonl").unlink()
+    write_rows([row], sweep_dir / "0")  # a twin job (the full cache at another budget)
+    copied = identical_row(cfg, digest, "ruler")
+    assert copied["reused_from"] == "0" and copied["value"] == 0.5
+    assert copied["protocol"] == "question_protected"
 
 
 # ---- the table's arithmetic, on hand-made rows ------------------------------------------------
