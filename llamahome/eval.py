@@ -29,12 +29,14 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from llamahome.evaluation.quality import available_options  # noqa: F401 - sweep resolvers
 from llamahome.evaluation.runner import describe_budget, identical_row, job_overrides, print_row
 from llamahome.utils.cli import launch, quiet_libraries, user_errors
 from llamahome.utils.sweep import in_multirun, run_sweep_job
 from llamahome.utils.validation import build, check_seed
 
 log = logging.getLogger("llamahome.eval")
+
 
 def model_spec(cfg: DictConfig) -> Any:
     """Return the ``ModelSpec`` to evaluate: ``model_path``, local ``model.pretrained``, ``model``.
@@ -136,6 +138,8 @@ def _run(
         "kv_bytes": outcome.kv_bytes,
         "full_kv_bytes": outcome.full_kv_bytes,
         "kv_ratio": outcome.kv_bytes / outcome.full_kv_bytes if outcome.full_kv_bytes else None,
+        # The achieved share of tokens seen that the cache held (llamahome.kvcache.keep_ratio).
+        "keep_ratio": outcome.keep_ratio,
         # The full cache never evicts by design; "no eviction" flags a budget >= the text.
         "note": outcome.note if cache_spec.policy != "full" else "",
         "tokens": outcome.tokens,

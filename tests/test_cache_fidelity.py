@@ -119,3 +119,111 @@ def test_h2o_keeps_what_the_reference_rule_keeps(model, batch, one_thread):
     untouched, kept_b = _run(model, ids, check_every_step=False)
     assert kept_a == kept_b
     torch.testing.assert_close(untouched, stepwise, rtol=0, atol=0)
+
+
+# ---- SnapKV and Knorm against kvpress's rules (issue #15, part 6) ----------------------------
+def _prefill_capture(model, ids, policy, **budget):
+    """Prefill `ids` through a fresh cache; return it and each layer's (query, key) at prefill."""
+    cache = make_cache(policy, model.config, min_tokens=0, seq_len=ids.shape[1], **budget)
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for idx, layer in enumerate(cache.layers):
+
+        def prepare(query, key, mask, pos, _orig=layer.prepare, _i=idx):
+            seen[_i] = (query.detach().clone(), key.detach().clone())
+            return _orig(query, key, mask, pos)
+
+        layer.prepare = prepare
+    with torch.no_grad():
+        model(ids, cache=cache)
+    return cache, seen
+
+
+def _kvpress_snapkv_keep(query, key, window, n_kept, kernel=5):
+    """kvpress's SnapKVPress rule, written out: the kept positions per (row, KV head).
+
+    Softmax of the last `window` queries over every key (causal), the older keys' columns
+    averaged over the window, ``avg_pool1d(kernel, padding=kernel // 2)``, averaged over the query
+    heads of each KV head; the window gets the max score + 1; the top `n_kept` are kept.
+    """
+    bsz, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    keys = key.repeat_interleave(groups, dim=1).double()
+    logits = query[:, :, -window:].double() @ keys.transpose(-1, -2) / math.sqrt(dim)
+    future = torch.ones(window, length, dtype=torch.bool).triu(length - window + 1)
+    probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+    older = probs[..., : length - window].mean(dim=-2)
+    pooled = torch.nn.functional.avg_pool1d(older, kernel, stride=1, padding=kernel // 2)
+    scores = pooled.view(bsz, kv_heads, groups, length - window).mean(dim=2)
+    scores = torch.nn.functional.pad(scores, (0, window), value=float(scores.max()) + 1)
+    return [
+        [set(scores[b, h].topk(n_kept).indices.tolist()) for h in range(kv_heads)]
+        for b in range(bsz)
+    ]
+
+
+def test_snapkv_prefill_keeps_what_kvpress_snapkvpress_keeps(model, monkeypatch, one_thread):
+    """Window, pooling (average, kernel 5), GQA grouping: the kept sets are kvpress's."""
+    from llamahome.kvcache import snapkv
+
+    monkeypatch.setattr(snapkv, "OBSERVATION_WINDOW", 16)  # the tiny prompt's window (64 at L>64)
+    length, ratio = 80, 0.4
+    ids = torch.randint(2, 96, (2, length), generator=torch.Generator().manual_seed(11))
+    cache, seen = _prefill_capture(model, ids, "snapkv", budget_ratio=ratio)
+    n_kept = math.floor(ratio * length)
+    for i, layer in enumerate(cache.layers):
+        query, key = seen[i]
+        want = _kvpress_snapkv_keep(query, key, 16, n_kept)
+        pos = layer.positions
+        got = [[set(pos[b, h].tolist()) for h in range(pos.shape[1])] for b in range(2)]
+        assert got == want, f"layer {i}"
+
+
+def test_snapkv_window_is_the_question_only_when_the_question_is_compressed(model, one_thread):
+    """kvpress's protocol compresses the context first: the window is then the context's end."""
+    from llamahome.kvcache.snapkv import OBSERVATION_WINDOW
+    from llamahome.kvcache.spec import pinned
+
+    context, question = 200, 70
+    ids = torch.randint(2, 96, (1, context + question), generator=torch.Generator().manual_seed(5))
+    assert OBSERVATION_WINDOW == 64  # the authors' and kvpress's default
+    # Question compressed: one prefill, the last 64 prompt tokens (all question) are the window.
+    whole = make_cache("snapkv", model.config, budget_ratio=0.5, min_tokens=0)
+    with torch.no_grad():
+        model(ids, cache=whole)
+    window = set(range(context + question - 64, context + question))
+    assert all(window <= set(row.tolist()) for row in whole.layers[0].positions[0])
+    # Question protected: the context alone is compressed; its last 64 tokens are the window and
+    # the question, fed pinned afterwards, is held on top of the budget.
+    part = make_cache("snapkv", model.config, budget_ratio=0.5, min_tokens=0, seq_len=context)
+    with torch.no_grad():
+        model(ids[:, :context], cache=part)
+        window = set(range(context - 64, context))
+        assert all(window <= set(row.tolist()) for row in part.layers[0].positions[0])
+        with pinned(part):
+            model(ids[:, context:], cache=part)
+    held = part.layers[0].positions[0]
+    assert held.shape[-1] == 100 + question
+
+
+def test_knorm_is_kvpress_knorm_plus_a_tenth_of_the_budget_as_recent_window(model, one_thread):
+    """The deliberate difference: kvpress keeps the lowest-norm keys only; we keep the newest 10%
+    of the budget whole (an answer's own tokens stay while decoding), then the lowest norms."""
+    length, ratio = 100, 0.3
+    ids = torch.randint(2, 96, (2, length), generator=torch.Generator().manual_seed(3))
+    cache, seen = _prefill_capture(model, ids, "knorm", budget_ratio=ratio)
+    total = math.floor(ratio * length)
+    recent = math.floor(ratio * 0.1 * length)
+    for i, layer in enumerate(cache.layers):
+        _, key = seen[i]
+        norms = key.double().norm(dim=-1)  # (b, kvh, L)
+        for b in range(2):
+            for h in range(key.shape[1]):
+                window = set(range(length - recent, length))
+                got = set(layer.positions[b, h].tolist())
+                assert len(got) == total and window <= got, (i, b, h)
+                # The rest: the lowest norms of the older keys (a repeated token id has the same
+                # key norm at any position, RoPE being a rotation: ties may go either way).
+                kept = [float(norms[b, h, p]) for p in got - window]
+                dropped = [float(norms[b, h, p]) for p in set(range(length)) - got]
+                assert max(kept) <= min(dropped) + 1e-5, (i, b, h)

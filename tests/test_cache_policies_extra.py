@@ -103,8 +103,8 @@ def test_registered_with_a_config(policy):
     assert policy in POLICIES
     spec = instantiate(OmegaConf.load(CONF / f"{policy}.yaml"), budget_ratio=0.2)
     assert isinstance(spec, CacheSpec) and spec.policy == policy
-    # budget_ratio: keydiff gives a tenth to the recent window, the others split as h2o.
-    heavy, recent = (0.18, 0.02) if policy == "keydiff" else (0.1, 0.1)
+    # budget_ratio: keydiff and knorm give a tenth to the recent window, the others split as h2o.
+    heavy, recent = (0.18, 0.02) if policy in ("keydiff", "knorm") else (0.1, 0.1)
     assert spec.budget.heavy_ratio == pytest.approx(heavy)
     assert spec.budget.recent_ratio == pytest.approx(recent)
 
@@ -233,8 +233,12 @@ def test_snapkv_kept_set_equals_the_reference(monkeypatch, window, total, prompt
                     _probs(drv.queries[b, h, t], keys, t, cand) for t in range(prompt - w, prompt)
                 )
                 for p in cand:
-                    near = range(max(0, p - 2), min(prompt - w, p + 3)) if p < prompt - w else [p]
-                    score[p] += max(float(sums[j]) for j in near)
+                    if p >= prompt - w:
+                        score[p] += float(sums[p])
+                        continue
+                    # Average over 5 neighbours of the older part, zero beyond its edges.
+                    near = range(max(0, p - 2), min(prompt - w, p + 3))
+                    score[p] += sum(float(sums[j]) for j in near) / 5
         else:  # decode: add the attention each new query gives each candidate
             score = {p: state[b, kvh].get(p, 0.0) for p in cand}
             for t in range(drv.new_start, drv.seen):

@@ -28,6 +28,8 @@ class Outcome:
         tokens: Tokens that went through the model (prompt + decoded).
         seconds: Model time (prefill + decode), without loading.
         evicted: Whether the cache ever dropped a token (False: "no eviction").
+        keep_ratio: The achieved share of the tokens seen that the caches held at the end
+            (``llamahome.kvcache.keep_ratio``, token-weighted over the task's caches).
     """
 
     metric: str
@@ -39,6 +41,7 @@ class Outcome:
     tokens: int = 0
     seconds: float = 0.0
     evicted: bool = True
+    keep_ratio: float | None = None
 
     @property
     def note(self) -> str:
@@ -67,26 +70,46 @@ class Outcome:
             tokens=tokens,
             seconds=watch.seconds,
             evicted=meter.evicted,
+            keep_ratio=meter.keep_ratio,
         )
 
 
 class KVMeter:
-    """Tracks KV bytes (the largest cache seen) and whether any cache evicted."""
+    """Tracks KV bytes (the largest cache seen), the keep ratio, and whether any cache evicted."""
 
     def __init__(self) -> None:
         """Start empty."""
         self.kv_bytes = 0
         self.full_kv_bytes = 0
         self.evicted = False
+        self._kept = 0.0  # keep ratio x tokens seen, summed over caches
+        self._seen = 0
 
     def add(self, cache: Any) -> None:
         """Account for a cache after its sequence is done."""
-        from llamahome.kvcache.spec import full_kv_bytes, kv_bytes
+        from llamahome.kvcache.spec import full_kv_bytes, keep_ratio, kv_bytes
 
         full = full_kv_bytes(cache)
         if full >= self.full_kv_bytes:
             self.kv_bytes, self.full_kv_bytes = kv_bytes(cache), full
         self.evicted = self.evicted or evicted(cache)
+        seen = _tokens_seen(cache)
+        self._kept += keep_ratio(cache) * seen
+        self._seen += seen
+
+    @property
+    def keep_ratio(self) -> float | None:
+        """Kept / seen at the end of each cache, weighted by its tokens; None before any cache."""
+        return self._kept / self._seen if self._seen else None
+
+
+def _tokens_seen(cache: Any) -> int:
+    """Rows x tokens seen by a cache (its first layer's), the weight of its keep ratio."""
+    for layer in getattr(cache, "layers", ()):
+        keys = getattr(layer, "keys", None)
+        if keys is not None and keys.dim() == 4:
+            return int(keys.shape[0]) * int(layer.get_seq_length())
+    return 0
 
 
 def evicted(cache: Any) -> bool:

@@ -40,7 +40,9 @@ def identical_row(cfg: DictConfig, digest: str, task_name: str) -> dict[str, Any
 
     The full cache ignores ``cache.budget_ratio`` and evicts no question token, so ``cache=full``
     in a budget (or protocol) sweep would run the same evaluation once per budget (protocol);
-    the later jobs copy the first one's row instead.
+    the later jobs copy the first one's row instead. A sweep rerun in its own directory
+    (``hydra.sweep.dir=<old sweep dir>``) resumes: a job whose directory already holds its row
+    keeps it, so only the jobs that never finished run.
     """
     from hydra.core.hydra_config import HydraConfig
 
@@ -51,22 +53,26 @@ def identical_row(cfg: DictConfig, digest: str, task_name: str) -> dict[str, Any
         return None
     sweep_dir = Path(HydraConfig.get().sweep.dir)
     own = Path(cfg.paths.output_dir).resolve()
-    for path in sorted(sweep_dir.glob(f"*/{JSONL}")):
-        if path.parent.resolve() == own:
+    mine = own / JSONL
+    others = sorted(p for p in sweep_dir.resolve().glob(f"*/{JSONL}") if p != mine)
+    for path in [mine, *others]:
+        if not path.is_file():
             continue
         for row in read_rows(path):
-            if row.get("config_hash") == digest and row.get("task") == task_name:
-                log.info(
-                    "Same effective config as %s: reusing its row (no re-run)", path.parent.name
-                )
-                copy = dict(row)
-                copy["budget_ratio"] = OmegaConf.select(cfg, "cache.budget_ratio")
-                protected = OmegaConf.select(cfg, "task.question_protected")
-                if protected is not None:  # the full cache answers the same under both
-                    copy["protocol"] = protocol_name(bool(protected))
-                copy["overrides"] = job_overrides()
-                copy["reused_from"] = path.parent.name
-                return copy
+            if row.get("config_hash") != digest or row.get("task") != task_name:
+                continue
+            if path == mine:
+                log.info("Resuming the sweep: this job's row is already in %s (no re-run)", path)
+                return dict(row)
+            log.info("Same effective config as %s: reusing its row (no re-run)", path.parent.name)
+            copy = dict(row)
+            copy["budget_ratio"] = OmegaConf.select(cfg, "cache.budget_ratio")
+            protected = OmegaConf.select(cfg, "task.question_protected")
+            if protected is not None:  # the full cache answers the same under both
+                copy["protocol"] = protocol_name(bool(protected))
+            copy["overrides"] = job_overrides()
+            copy["reused_from"] = path.parent.name
+            return copy
     return None
 
 

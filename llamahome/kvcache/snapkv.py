@@ -5,16 +5,27 @@ arXiv 2404.14469 (kvpress: ``SnapKVPress``).
 
 Rule, per layer and KV head:
 
-* Prefill: the last ``OBSERVATION_WINDOW`` (32) prompt tokens are the observation window
+* Prefill: the last ``OBSERVATION_WINDOW`` (64) prompt tokens are the observation window
   (clipped to the prompt length - 1 and to the budget). Each older token's score is the attention
-  the window's queries give it, summed over the window, max-pooled over neighbouring positions
-  (kernel ``KERNEL_SIZE`` = 5, stride 1, same length; the paper's "clustering" of the selected
-  positions), then summed over the query heads of the KV head's group (GQA). The window itself is
+  the window's queries give it, summed over the window, average-pooled over neighbouring
+  positions (kernel ``KERNEL_SIZE`` = 5, stride 1, same length, zero padding; the paper's
+  "clustering" of the selected positions), then summed over the query heads of the KV head's
+  group (GQA; kvpress and the authors' code average, which ranks the same). The window itself is
   always kept (its tokens' scores are their unpooled window attention); of the older tokens, the
-  highest scores fill the rest of the budget.
+  highest scores fill the rest of the budget. Window 64, kernel 5 and average pooling are the
+  defaults of the authors' code (``snapkv_utils.py``) and of kvpress's ``SnapKVPress``.
 * Decode: H2O-style. Every step adds the attention the new query gives each held token to its
   score; the newest ``window`` tokens are always kept, the lowest score among the others is
-  evicted.
+  evicted. (SnapKV compresses the prompt only and lets the cache grow while decoding; a bounded
+  cache has to evict, and this keeps the observation-window scores as the starting point.)
+
+Which tokens are the observation window decides what SnapKV can find. With the question
+compressed (``task.question_protected=false``) the prompt ends with the question, so the window
+is the question's tokens: SnapKV's intended setting ("LLM knows what you are looking for"). With
+the question protected (kvpress's protocol) the context is compressed before the question
+arrives, so the window is the context's last 64 tokens (filler in the RULER-style tasks): there
+SnapKV can only keep what the end of the document attends to, and needles within its last 64
+tokens (measured in docs/eval.md, "Fidelity against kvpress").
 
 The prefill scores come from one (window x prompt) block of logits per head
 (``query_attention.py``), not from the whole prompt's attention matrix; decode steps use the
@@ -33,7 +44,7 @@ from llamahome.kvcache.query_attention import last_query_probs
 
 __all__ = ["KERNEL_SIZE", "OBSERVATION_WINDOW", "SnapKVLayer", "snapkv_prefill_scores"]
 
-OBSERVATION_WINDOW = 32
+OBSERVATION_WINDOW = 64
 KERNEL_SIZE = 5
 
 
@@ -61,7 +72,8 @@ def snapkv_prefill_scores(
     kv_heads = key.shape[1]
     col = last_query_probs(query, key, mask, rows=window).sum(dim=2)  # (b, heads, L)
     older = length - window
-    pooled = F.max_pool1d(col[..., :older], kernel_size, stride=1, padding=kernel_size // 2)
+    # count_include_pad: the edges average over the kernel with zeros, as kvpress's avg_pool1d.
+    pooled = F.avg_pool1d(col[..., :older], kernel_size, stride=1, padding=kernel_size // 2)
     scores = torch.cat((pooled, col[..., older:]), dim=-1)
     return scores.view(bsz, kv_heads, heads // kv_heads, length).sum(dim=2)
 

@@ -261,7 +261,7 @@ class CacheSpec:
         )
 
     # keydiff, knorm, tova, snapkv take h2o's budget keys (tova and snapkv use the total only).
-    _resolve_knorm = _resolve_tova = _resolve_snapkv = _resolve_h2o
+    _resolve_tova = _resolve_snapkv = _resolve_h2o
 
     def _resolve_keydiff(self) -> Budget:
         # budget_ratio: 90% scored, a 10% recent window. KeyDiff (paper, kvpress) keeps no window;
@@ -273,6 +273,10 @@ class CacheSpec:
         return replace(
             budget, heavy_ratio=self.budget_ratio * 0.9, recent_ratio=self.budget_ratio * 0.1
         )
+
+    # knorm: the same 90/10 split. kvpress's KnormPress keeps no window; with h2o's half-and-half
+    # split ours scored 0.375 on 16 needle prompts at 20% (kvpress 0.406), 0.469 with this one.
+    _resolve_knorm = _resolve_keydiff
 
     # ---- building ------------------------------------------------------------------------
     def build(self, model_config: PretrainedConfig, seq_len: int | None = None) -> Cache:

@@ -270,3 +270,74 @@ def _write_status(job_dir: Path, record: dict[str, Any], start: float | None) ->
         record["seconds"] = round(time.perf_counter() - start, 2)
     with atomic_write(job_dir / STATUS_FILE, "w") as file:
         file.write(json.dumps(record, indent=2))
+
+
+class SweepProgress(Callback):
+    """Hydra callback: a line before each job of a multirun, ``[sweep] job 7/72 ...``.
+
+    The total comes from the sweeper's grid (its ``params`` and the command line's sweeps, as
+    Hydra's basic sweeper expands them); the line gives the job's own overrides, the time since
+    the sweep started and a rough time left (finished jobs' mean; reused rows make it shrink).
+    Long sweeps (``sweep=quality``) print it; the task's own progress bars follow.
+    """
+
+    def __init__(self) -> None:
+        """Nothing counted yet."""
+        self.total: int | None = None
+        self.start = time.perf_counter()
+        self.done = 0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Count the jobs and say where they go (and how to resume)."""
+        self.start = time.perf_counter()
+        self.total = grid_size(config)
+        if self.total:
+            log.info(
+                "[sweep] %d jobs into %s (rerun with hydra.sweep.dir=%s to resume: finished "
+                "rows are reused)",
+                self.total,
+                config.hydra.sweep.dir,
+                config.hydra.sweep.dir,
+            )
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """One line: job number of the total, its overrides, elapsed and left."""
+        num = int(OmegaConf.select(config, "hydra.job.num", default=0) or 0) + 1
+        elapsed = time.perf_counter() - self.start
+        of = f"/{self.total}" if self.total else ""
+        left = ""
+        if self.done and self.total:
+            left = f", ~{_clock(elapsed / self.done * (self.total - self.done))} left"
+        overrides = " ".join(
+            o for o in OmegaConf.select(config, "hydra.overrides.task", default=[]) or []
+        )
+        print(f"[sweep] job {num}{of}: {overrides} ({_clock(elapsed)} in{left})", flush=True)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        """Count the job as done."""
+        self.done += 1
+
+
+def grid_size(config: DictConfig) -> int | None:
+    """Jobs in a basic-sweeper grid: the sweeper's ``params`` and the command line's overrides.
+
+    Returns None when the grid cannot be read (another sweeper, an unparsable override).
+    """
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+        given = [f"{k}={v}" for k, v in params.items()]
+        given += list(OmegaConf.select(config, "hydra.overrides.task", default=[]) or [])
+        overrides = OverridesParser.create().parse_overrides(given)
+        batches = BasicSweeper.split_arguments(overrides, None)
+    except Exception:  # noqa: BLE001 - a progress line is best effort, never a failure
+        return None
+    return sum(len(batch) for batch in batches)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
