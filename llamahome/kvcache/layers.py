@@ -240,10 +240,11 @@ class EvictingLayer(SlotPlumbing, DynamicLayer):
             self._slot = None
             self._meta_ready = False
             self._ensure_capacity(n + q)
-            state["keys"][:, :, n : n + q] = key_states
-            state["values"][:, :, n : n + q] = value_states
+            # narrow + copy_: two ops (slice assignment also dispatches an alias per call).
+            state["keys"].narrow(2, n, q).copy_(key_states)
+            state["values"].narrow(2, n, q).copy_(value_states)
         self._whole = False
-        self._work = {name: buf[:, :, : n + q] for name, buf in state.items()}
+        self._work = {name: buf.narrow(2, 0, n + q) for name, buf in state.items()}
         return self._work["keys"], self._work["values"]
 
     def prepare(
@@ -287,7 +288,11 @@ class EvictingLayer(SlotPlumbing, DynamicLayer):
         for name, t in meta.items():
             if self._in_buffer:
                 # A python scalar (the usual decode step) is a fill: one op, no temporary.
-                self._state[name][:, :, n : n + q] = t
+                slots = self._state[name].narrow(2, n, q)
+                if isinstance(t, torch.Tensor):
+                    slots.copy_(t)
+                else:
+                    slots.fill_(t)
             elif isinstance(t, torch.Tensor):
                 self._work[name] = t.contiguous()
             else:
@@ -386,6 +391,15 @@ class EvictingLayer(SlotPlumbing, DynamicLayer):
     def priority(self, work: dict[str, torch.Tensor], seen: int) -> torch.Tensor:
         """Keep-priority of each working slot, (batch, kv_heads, slots); higher is kept."""
         raise NotImplementedError
+
+    def _recent_slots(self, seen: int) -> int:
+        """The recent window: kept whatever the scores (no `DecodeGroup` victim is taken there)."""
+        return self.budget.sizes(seen)[2]
+
+    def _evicts(self) -> bool:
+        """Whether this step's `finish` evicts (the working slots exceed the budget)."""
+        target = self.budget.total(self.cumulative_length - self._pinned) + self._pinned
+        return target < self._n + self._q
 
     def _decode_victim(self, work: dict[str, torch.Tensor], seen: int) -> torch.Tensor:
         """Return the slot a one-in, one-out decode step evicts (lowest priority), (b, kvh)."""

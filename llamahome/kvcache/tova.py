@@ -37,6 +37,7 @@ class TOVALayer(EvictingLayer):
     """The tokens the current query attends to most (mean over heads), plus the newest."""
 
     policy = "tova"
+    fast_meta = True  # a new token's bookkeeping: its position and a zero score
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         """See `EvictingLayer`."""
@@ -62,7 +63,9 @@ class TOVALayer(EvictingLayer):
     def finish(self, scores: torch.Tensor | None) -> None:
         """Score every held token by the current query, then evict down to the budget."""
         inputs, self._inputs = self._inputs, None
-        if inputs is not None:
+        # TOVA's scores are this step's attention only (nothing accumulates), so a step that
+        # evicts nothing (under the floor, or a budget not yet full) needs none.
+        if inputs is not None and self._evicts():
             self._work["score"].copy_(tova_scores(*inputs))
         super().finish(None)
 
