@@ -37,6 +37,11 @@ from llamahome.kvcache.slots import (
     rotate,
 )
 
+# A decode token appended to a spare slot, with no padding and nothing pinned: its bookkeeping
+# in each buffer a fast_meta policy may hold (pos is the token's position, filled in).
+_APPEND_META = {"pos": 0, "valid": True, "score": 0.0, "sink": False}
+_APPEND_BUFFERS = frozenset(("keys", "values", *_APPEND_META))
+
 
 class EvictingLayer(SlotPlumbing, DynamicLayer):
     """Base of the evicting layers; subclasses define `priority` (higher = kept)."""
@@ -271,6 +276,22 @@ class EvictingLayer(SlotPlumbing, DynamicLayer):
             if not self._all_valid:  # no mask: the token is real, but the freed slot was padding
                 fv["valid_flat"].index_fill_(0, slot, True)
             return query, key, self._decode_mask(query, n + 1)
+        state = self._state
+        if (
+            slot is None
+            and q == 1
+            and self._in_buffer
+            and attention_mask is None
+            and self.fast_meta
+            and self.inv_freq is None
+            and _APPEND_BUFFERS.issuperset(state)
+        ):
+            # Append step (under the floor, or a budget not yet full), no padding: slot n gets
+            # the bookkeeping `_new_meta` would give it, without building it.
+            for name, value in _APPEND_META.items():
+                if name in state:
+                    state[name].narrow(2, n, 1).fill_(value if name != "pos" else self._seen_before)
+            return query, key, self._mask(None, query, 1, n)
         bsz, kv_heads = key.shape[0], key.shape[1]
         new_valid = new_token_validity(attention_mask, q, bsz)
         if new_valid is not None and self._all_valid and not bool(new_valid.all()):
