@@ -352,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             for mode, policy in pairs[shift:] + pairs[:shift]:
                 row = rows[(length, mode, policy)]
                 run_pair(base, ours, state, row, args.steps, args.budget, clock, round_ == 0)
+                print(f"    {length} {mode} {policy}: {row.ratios[-1]:.2f}x", flush=True)
                 gc.collect()
             del plain, state
             gc.collect()
