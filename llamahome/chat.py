@@ -36,7 +36,7 @@ def describe(spec: Any) -> str:
     if spec.budget_ratio is not None:
         return f"{spec.policy} budget {spec.budget_ratio:.0%}{floor}"
     if spec.window_length is not None:
-        return f"{spec.policy} {spec.window_length} tokens{floor}"
+        return f"{spec.policy} {spec.window_length} tokens"  # a count has no floor
     return f"{spec.policy}{floor}"
 
 

@@ -70,13 +70,31 @@ def test_never_exceeds_budget_or_floor(model, policy, budget):
     spec = CacheSpec(policy=policy, min_tokens=24, **budget)
     cache = spec.build(model.config, seq_len=90)
     kept = _feed(model, cache, _ids(50), 40)
-    cap = max(spec.budget.for_cache(90).total(10**6), 24)
+    # A ratio budget is at least the floor (24); a count (8) is held as given.
+    ratio = budget.get("budget_ratio")
+    cap = max(24, int(ratio * 90)) if ratio else 8
+    assert spec.budget.for_cache(90).total(10**6) == cap
     seen = range(50, 91)
     # Never above max(budget, floor); never evicts while holding <= floor tokens.
     assert all(k <= cap for k in kept)
     assert all(k == min(s, cap) for k, s in zip(kept, seen, strict=True))
     for layer in cache.layers:
         assert layer.kv_bytes() <= 2 * layer.keys[0, 0, 0].nbytes * 2 * (cap + 2)
+
+
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p != "full"])
+def test_a_count_budget_is_held_as_given_below_the_floor(model, policy):
+    # llama-recipes' counts are the user's budget: the default floor (1024) covers ratios only.
+    counts = {"window_length": 24}
+    if policy == "h2o":
+        counts["heavy_hitter_tokens"] = 12
+    cache = make_cache(policy, model.config, **counts)
+    kept = _feed(model, cache, _ids(83), 5)
+    assert kept == [24] * 6
+    assert keep_ratio(cache) == pytest.approx(24 / 88)
+    # The same policy with a ratio budget keeps everything under that floor.
+    floored = make_cache(policy, model.config, budget_ratio=0.2, seq_len=88)
+    assert _feed(model, floored, _ids(83), 5) == list(range(83, 89))
 
 
 @pytest.mark.parametrize("policy", [p for p in POLICIES if p != "full"])

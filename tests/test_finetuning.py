@@ -375,3 +375,29 @@ def test_unknown_target_module_fails_through_train_before_fit(compose_train, mon
     with pytest.raises(ConfigError, match=r"peft.target_modules \['qkv_proj'\] not found") as info:
         train(compose_train(*TINY_TRAIN, "peft=lora", "peft.target_modules=[q_proj,qkv_proj]"))
     assert "o_proj" in str(info.value)  # it lists what the model does have
+
+
+def test_lora_dropout_masks_are_cheap_and_keep_nn_dropouts_law() -> None:
+    from peft import LoraConfig
+
+    from llamahome.training.module import CheapMaskDropout
+
+    lit = LlamaLitModule(
+        apply_finetuning(
+            micro_model(), LoraConfig(r=4, lora_dropout=0.25, target_modules=["q_proj"])
+        ),
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+    )
+    swapped = [m for m in lit.modules() if isinstance(m, CheapMaskDropout)]
+    assert len(swapped) == MICRO["num_hidden_layers"]  # one per adapted q_proj
+    dropout = swapped[0].train()
+    torch.manual_seed(0)
+    x = torch.ones(200_000, requires_grad=True)
+    y = dropout(x)
+    kept = y != 0
+    # Kept with probability 1 - p (4 sigma: +-0.004), scaled by 1 / (1 - p); the gradient too.
+    assert abs(float(kept.float().mean()) - 0.75) < 0.004
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.75))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())
+    assert torch.equal(dropout.eval()(x), x)  # eval mode: the identity

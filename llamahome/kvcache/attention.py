@@ -251,7 +251,7 @@ def hybrid_attention_forward(
         and not (dropout and module.training)
         and hasattr(hook, "attend_decode")
     ):
-        # A plain decode step: the layer attends and scores from one softmax (see H2OLayer).
+        # A plain decode step: the layer attends and scores from one softmax (decode_scores.py).
         out = hook.attend_decode(query, value, _scaling(query, scaling))
         if out is not None:
             return out, None

@@ -7,8 +7,9 @@ Ratios, two bases (``ratio_basis``; see docs/h2o.md):
   generation, the scored length in eval) or else the length of the first update (the prefill);
 * ``"running"``: a share of the tokens seen so far, so the budget grows with the text.
 
-A floor (``floor``, ``cache.min_tokens``) comes on top of both: a layer never keeps fewer than
-``floor`` tokens, so it never evicts while it holds no more than that.
+A floor (``floor``) comes on top of both: a layer never keeps fewer than ``floor`` tokens, so it
+never evicts while it holds no more than that. `CacheSpec` sets it to ``cache.min_tokens`` for
+ratio budgets only; counts are the user's budget and keep no floor.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """One batched H2O decode eviction for all the layers of a cache, once per step.
 
 A one-in, one-out H2O decode step picks, in every layer, the slot of lowest accumulated score
-outside the recent window. Done layer by layer that is ~6 tiny ops per layer (compare, mask,
-argmin, index arithmetic, and two fills of the next token's bookkeeping), which at short contexts
-costs more than the attention it saves. The rule of one layer does not depend on any other layer,
-and nothing reads the victim before the next step, so the group *defers* each layer's choice:
+outside the recent window (so do knorm, with minus the key norm as the score, and snapkv, whose
+window is its observation window: each layer's ``_recent_slots``). Done layer by layer that is
+~6 tiny ops per layer (compare, mask, argmin, index arithmetic, and two fills of the next token's
+bookkeeping), which at short contexts costs more than the attention it saves. The rule of one
+layer does not depend on any other layer, and nothing reads the victim before the next step, so
+the group *defers* each layer's choice:
 when the last layer has finished the step, it picks the victims of every layer at once, over
 score and position buffers stacked as (layers, batch * kv_heads, slots), and writes the next
 token's position and zero score into the victims' slots. Which tokens are kept is unchanged
@@ -76,7 +78,7 @@ class DecodeGroup:
             return
         seen = first._pending_seen
         score, pos = self._stacked()
-        recent = first.budget.sizes(seen)[2]
+        recent = first._recent_slots(seen)
         victim = score.masked_fill(pos >= seen - recent, INF).argmin(dim=-1, keepdim=True)
         # The next token goes into the victims' slots: its bookkeeping is written here, once.
         pos.scatter_(2, victim, seen)

@@ -48,16 +48,33 @@ def keydiff_scores(keys: torch.Tensor, valid: torch.Tensor | None = None) -> tor
     return -(unit * anchor).sum(dim=-1)
 
 
+def _keydiff_rank(work: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`keydiff_scores` times a positive number per head, in fewer ops (no padding).
+
+    Minus the cosine of each key to the anchor is ``-(k . a) / (|k| |a|)``. The anchor's
+    direction is the sum of the unit keys (the mean's, unnormalised), and ``|a|`` is the same
+    for every key of a head, so ``-(k . sum) / |k|`` ranks a head's keys the same way: one norm,
+    two batched products, one scale. Only ranks are used (top-k and argmin per head).
+    """
+    bsz, kv_heads, n, dim = work["keys"].shape
+    keys = work["keys"].float().view(bsz * kv_heads, n, dim)
+    inv_norm = keys.norm(dim=-1, keepdim=True).clamp_min_(1e-12).reciprocal_()  # (rows, n, 1)
+    direction = torch.bmm(inv_norm.transpose(1, 2), keys)  # (rows, 1, d): the sum of unit keys
+    dots = torch.bmm(keys, direction.transpose(1, 2)).mul_(inv_norm)  # (rows, n, 1)
+    return dots.view(bsz, kv_heads, n).neg_()
+
+
 class KeyDiffLayer(EvictingLayer):
     """The recent window + the older keys least similar (cosine) to their head's mean key."""
 
     policy = "keydiff"
+    fast_meta = True  # a new token's bookkeeping: its position only
 
     def priority(self, work: dict[str, torch.Tensor], seen: int) -> torch.Tensor:
         """Recent window first, then the KeyDiff score; padding last."""
         _, _, recent = self.budget.sizes(seen)
         valid = None if self._all_valid else work["valid"]
-        prio = keydiff_scores(work["keys"], valid)
+        prio = keydiff_scores(work["keys"], valid) if valid is not None else _keydiff_rank(work)
         if valid is not None:
             prio = prio.masked_fill(~valid, -INF)
         return prio.masked_fill(work["pos"] >= seen - recent, INF)

@@ -29,6 +29,11 @@ class KnormLayer(EvictingLayer):
     """The recent window + the older keys of lowest L2 norm."""
 
     policy = "knorm"
+    # A decode victim is the lowest score outside the recent window, as for h2o: all layers'
+    # victims are chosen in one batch (`DecodeGroup`), which also writes the next token's
+    # position into the victim's slot (its score, the key norm, is written in `finish`).
+    fast_meta = True
+    batched_decode = True
 
     def _new_meta(self, bsz, kv_heads, q, new_valid, position_ids, device):  # noqa: D102
         meta: dict[str, Any] = super()._new_meta(bsz, kv_heads, q, new_valid, position_ids, device)

@@ -37,6 +37,11 @@ from llamahome.kvcache.slots import (
     rotate,
 )
 
+# A decode token appended to a spare slot, with no padding and nothing pinned: its bookkeeping
+# in each buffer a fast_meta policy may hold (pos is the token's position, filled in).
+_APPEND_META = {"pos": 0, "valid": True, "score": 0.0, "sink": False}
+_APPEND_BUFFERS = frozenset(("keys", "values", *_APPEND_META))
+
 
 class EvictingLayer(SlotPlumbing, DynamicLayer):
     """Base of the evicting layers; subclasses define `priority` (higher = kept)."""
@@ -240,10 +245,11 @@ class EvictingLayer(SlotPlumbing, DynamicLayer):
             self._slot = None
             self._meta_ready = False
             self._ensure_capacity(n + q)
-            state["keys"][:, :, n : n + q] = key_states
-            state["values"][:, :, n : n + q] = value_states
+            # narrow + copy_: two ops (slice assignment also dispatches an alias per call).
+            state["keys"].narrow(2, n, q).copy_(key_states)
+            state["values"].narrow(2, n, q).copy_(value_states)
         self._whole = False
-        self._work = {name: buf[:, :, : n + q] for name, buf in state.items()}
+        self._work = {name: buf.narrow(2, 0, n + q) for name, buf in state.items()}
         return self._work["keys"], self._work["values"]
 
     def prepare(
@@ -270,6 +276,22 @@ class EvictingLayer(SlotPlumbing, DynamicLayer):
             if not self._all_valid:  # no mask: the token is real, but the freed slot was padding
                 fv["valid_flat"].index_fill_(0, slot, True)
             return query, key, self._decode_mask(query, n + 1)
+        state = self._state
+        if (
+            slot is None
+            and q == 1
+            and self._in_buffer
+            and attention_mask is None
+            and self.fast_meta
+            and self.inv_freq is None
+            and _APPEND_BUFFERS.issuperset(state)
+        ):
+            # Append step (under the floor, or a budget not yet full), no padding: slot n gets
+            # the bookkeeping `_new_meta` would give it, without building it.
+            for name, value in _APPEND_META.items():
+                if name in state:
+                    state[name].narrow(2, n, 1).fill_(value if name != "pos" else self._seen_before)
+            return query, key, self._mask(None, query, 1, n)
         bsz, kv_heads = key.shape[0], key.shape[1]
         new_valid = new_token_validity(attention_mask, q, bsz)
         if new_valid is not None and self._all_valid and not bool(new_valid.all()):
@@ -287,7 +309,11 @@ class EvictingLayer(SlotPlumbing, DynamicLayer):
         for name, t in meta.items():
             if self._in_buffer:
                 # A python scalar (the usual decode step) is a fill: one op, no temporary.
-                self._state[name][:, :, n : n + q] = t
+                slots = self._state[name].narrow(2, n, q)
+                if isinstance(t, torch.Tensor):
+                    slots.copy_(t)
+                else:
+                    slots.fill_(t)
             elif isinstance(t, torch.Tensor):
                 self._work[name] = t.contiguous()
             else:
@@ -386,6 +412,15 @@ class EvictingLayer(SlotPlumbing, DynamicLayer):
     def priority(self, work: dict[str, torch.Tensor], seen: int) -> torch.Tensor:
         """Keep-priority of each working slot, (batch, kv_heads, slots); higher is kept."""
         raise NotImplementedError
+
+    def _recent_slots(self, seen: int) -> int:
+        """The recent window: kept whatever the scores (no `DecodeGroup` victim is taken there)."""
+        return self.budget.sizes(seen)[2]
+
+    def _evicts(self) -> bool:
+        """Whether this step's `finish` evicts (the working slots exceed the budget)."""
+        target = self.budget.total(self.cumulative_length - self._pinned) + self._pinned
+        return target < self._n + self._q
 
     def _decode_victim(self, work: dict[str, torch.Tensor], seen: int) -> torch.Tensor:
         """Return the slot a one-in, one-out decode step evicts (lowest priority), (b, kvh)."""

@@ -35,6 +35,8 @@ def last_query_probs(
     q = query[:, :, q_len - rows :].float().reshape(bsz, kv_heads, groups * rows, dim)
     logits = torch.matmul(q, key.float().transpose(-1, -2)).mul_(1.0 / math.sqrt(dim))
     logits = logits.view(bsz, heads, rows, kv_len)
+    if mask is None and rows == 1:
+        return torch.softmax(logits, dim=-1)  # the last query sees every key: nothing to mask
     if mask is None:
         # Query i of the last `rows` sits at key index kv_len - rows + i.
         last = torch.arange(kv_len - rows, kv_len, device=query.device)[:, None]

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llamahome.kvcache.decode_scores import DecodeScores
 from llamahome.kvcache.layers import INF, EvictingLayer
 from llamahome.kvcache.query_attention import last_query_probs
 
@@ -78,10 +79,16 @@ def snapkv_prefill_scores(
     return scores.view(bsz, kv_heads, heads // kv_heads, length).sum(dim=2)
 
 
-class SnapKVLayer(EvictingLayer):
-    """The observation window + the older tokens of highest pooled window attention."""
+class SnapKVLayer(DecodeScores, EvictingLayer):
+    """The observation window + the older tokens of highest pooled window attention.
+
+    Decode steps are h2o's: scores and attention through `DecodeScores`, victims through
+    `DecodeGroup`, with the observation window as the recent window.
+    """
 
     policy = "snapkv"
+    fast_meta = True
+    batched_decode = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         """See `EvictingLayer`."""
@@ -119,10 +126,13 @@ class SnapKVLayer(EvictingLayer):
             self._work["score"].copy_(snapkv_prefill_scores(*inputs, window=self.window))
         super().finish(scores)
 
+    def _recent_slots(self, seen: int) -> int:
+        # The budget counts the unpinned tokens (pinned ones are held on top, see EvictingLayer).
+        return min(self.window, self.budget.total(seen - self._pinned))
+
     def priority(self, work: dict[str, torch.Tensor], seen: int) -> torch.Tensor:
         """Rank the window first, then the score; padding last."""
-        # The budget counts the unpinned tokens (pinned ones are held on top, see EvictingLayer).
-        recent = min(self.window, self.budget.total(seen - self._pinned))
+        recent = self._recent_slots(seen)
         prio = work["score"]
         if not self._all_valid:
             prio = prio.masked_fill(~work["valid"], -INF)

@@ -16,9 +16,11 @@ Budgets, two ways (see docs/h2o.md):
   prompt + max_new_tokens; eval: the scored length), else the prefill's length;
   ``ratio_basis="running"``: a share of the tokens seen so far.
 
-Every policy has a floor, ``min_tokens`` (default 1024): a cache keeps max(budget, min_tokens)
-tokens, so it never evicts while it holds no more than that, and a short chat turn is exactly the
-full cache's output. Benchmarks and eval tasks that measure a policy set ``min_tokens=0``.
+Ratio budgets have a floor, ``min_tokens`` (default 1024): such a cache keeps max(budget,
+min_tokens) tokens, so it never evicts while it holds no more than that, and a short chat turn is
+exactly the full cache's output. A count budget (``window_length``) is the user's own and is held
+as given, below the floor or not. Benchmarks and eval tasks that measure a policy set
+``min_tokens=0``.
 
 ``with pinned(cache): model(question_ids, cache=cache)`` protects the tokens appended inside the
 block: they are never evicted and are held on top of the budget (the question-protected protocol).
@@ -109,8 +111,9 @@ class CacheSpec:
         budget_ratio: Total share of the length, split per policy (sweep shorthand).
         position_rolling: Re-rotate kept keys to their slot rank (llama-recipes'
             ``enable_position_rolling``).
-        min_tokens: The floor: never evict while holding <= this many tokens; the cache holds
-            max(budget, min_tokens). 0 = no floor (what eval and benchmarks use).
+        min_tokens: The floor of a ratio budget: never evict while holding <= this many
+            tokens; the cache holds max(budget, min_tokens). A count budget
+            (``window_length``) ignores it. 0 = no floor (what eval and benchmarks use).
         ratio_basis: ``sequence`` (ratios of the sequence length L, fixed once: the paper) or
             ``running`` (ratios of the tokens seen so far).
 
@@ -164,7 +167,10 @@ class CacheSpec:
                 )
         budget = getattr(self, f"_resolve_{self.policy}")()
         if budget is not None:
-            budget = replace(budget, floor=self.min_tokens, basis=self.ratio_basis)
+            # The floor protects short inputs from a *share* of their length; a count is the
+            # user's budget and is honoured as given (llama-recipes' window_length=24 keeps 24).
+            floor = self.min_tokens if budget.is_ratio else 0
+            budget = replace(budget, floor=floor, basis=self.ratio_basis)
         self.budget: Budget | None = budget
 
     # ---- one resolver per policy -------------------------------------------------------------

@@ -37,6 +37,7 @@ class TOVALayer(EvictingLayer):
     """The tokens the current query attends to most (mean over heads), plus the newest."""
 
     policy = "tova"
+    fast_meta = True  # a new token's bookkeeping: its position and a zero score
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         """See `EvictingLayer`."""
@@ -59,10 +60,38 @@ class TOVALayer(EvictingLayer):
         self._inputs = super().prepare(query, key, attention_mask, position_ids)
         return self._inputs
 
+    def attend_decode(
+        self, query: torch.Tensor, value: torch.Tensor, scaling: float
+    ) -> torch.Tensor | None:
+        """An evicting decode step over whole buffers: the output and the scores, one softmax.
+
+        TOVA's score is the attention the current query gives each token, so the attention's
+        own probabilities are the scores (mean over the layer's heads): no second q K^T pass.
+        Same conditions as `DecodeScores.attend_decode` (the token went into the last step's
+        victim slot, no padding, float32); otherwise None and the caller takes SDPA.
+        """
+        if not self._whole or self._slot is None or not self._all_valid:
+            return None
+        if query.dtype != torch.float32 or not self._evicts():
+            return None
+        fv = self._fv  # made by `update` this step
+        bsz, heads, _, dim = query.shape
+        rows, slots = fv["values_rows"].shape[0], fv["values_rows"].shape[1]
+        logits = torch.bmm(query.reshape(rows, heads * bsz // rows, dim), fv["keys_t"])
+        probs = torch.softmax(logits.mul_(scaling), dim=-1)  # (rows, groups, slots)
+        out = torch.bmm(probs, fv["values_rows"])
+        mean = probs.view(bsz, heads, slots).mean(dim=1)  # over every head of the layer
+        self._work["score"].copy_(mean[:, None].expand(bsz, rows // bsz, slots))
+        self._inputs = None  # scored: `finish` only evicts
+        self.finish(None)
+        return out.view(bsz, 1, heads, dim)
+
     def finish(self, scores: torch.Tensor | None) -> None:
         """Score every held token by the current query, then evict down to the budget."""
         inputs, self._inputs = self._inputs, None
-        if inputs is not None:
+        # TOVA's scores are this step's attention only (nothing accumulates), so a step that
+        # evicts nothing (under the floor, or a budget not yet full) needs none.
+        if inputs is not None and self._evicts():
             self._work["score"].copy_(tova_scores(*inputs))
         super().finish(None)
 

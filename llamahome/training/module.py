@@ -22,6 +22,38 @@ register_hybrid_attention()
 _MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
 
 
+class CheapMaskDropout(torch.nn.Dropout):
+    """``nn.Dropout`` whose CPU mask is ``rand >= p`` rather than ``bernoulli_``: same law.
+
+    Each element is kept with probability 1 - p and scaled by 1 / (1 - p), as in
+    ``nn.Dropout``. torch draws a CPU ``bernoulli_`` one element at a time; ``rand`` is about
+    twice as fast, and LoRA draws a mask over the input of every adapted linear (7 per block):
+    on SmolLM2 with LoRA the masks were ~10% of a CPU training step. On GPUs the fused kernel
+    of ``nn.Dropout`` is kept.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Drop and rescale in training; the identity in eval mode."""
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        keep = torch.rand(x.shape, dtype=torch.float32, device=x.device) >= self.p
+        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+
+
+def use_cheap_dropout_masks(model: torch.nn.Module) -> int:
+    """Swap the LoRA dropouts of a PEFT model for `CheapMaskDropout`; return how many."""
+    swapped = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if not isinstance(dropouts, torch.nn.ModuleDict):
+            continue
+        for name, dropout in dropouts.items():
+            if type(dropout) is torch.nn.Dropout and dropout.p > 0 and not dropout.inplace:
+                dropouts[name] = CheapMaskDropout(dropout.p)
+                swapped += 1
+    return swapped
+
+
 class LlamaLitModule(L.LightningModule):
     """Trains a (PEFT-wrapped or full) ``LlamaForCausalLM`` on tokenized batches.
 
@@ -60,6 +92,8 @@ class LlamaLitModule(L.LightningModule):
         # pretrained weights on resume, so loading must tolerate the missing keys.
         self.is_peft = hasattr(model, "peft_config")
         self.strict_loading = not self.is_peft
+        if self.is_peft:
+            use_cheap_dropout_masks(model)  # no state: checkpoints and exports are unchanged
         vocab = model.config.vocab_size
         self.train_loss = MeanMetric()
         self.val_loss = MeanMetric()
