@@ -281,11 +281,11 @@ def _reference_scores(policy: str, query: torch.Tensor, keys: torch.Tensor) -> t
         score = probs.mean(dim=(1, 2))[:, None].expand(bsz, kv_heads, seen).clone()
         score[..., -1] = math.inf  # the newest is always kept
         return score
+    # knorm and keydiff: 90% scored, a 10% recent window
+    recent = math.floor(RATIO * 0.1 * length)
     if policy == "knorm":
-        recent = math.floor(RATIO / 2 * length)
         score = -keys.norm(dim=-1)  # low norm is kept
-    else:  # keydiff: 90% scored, a 10% recent window
-        recent = math.floor(RATIO * 0.1 * length)
+    else:
         unit = keys / keys.norm(dim=-1, keepdim=True)
         anchor = unit.mean(dim=2, keepdim=True)
         score = -(unit * anchor / anchor.norm(dim=-1, keepdim=True)).sum(-1)
