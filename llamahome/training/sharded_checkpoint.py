@@ -154,6 +154,8 @@ def check_sharded(path: str | os.PathLike, expected: Mapping[str, torch.Tensor],
     Raises:
         ConfigError: An unreadable index or ``meta.pt``, or a different model or peft setting.
     """
+    import torch
+
     from llamahome.training.ckpt_check import compare_with_run
 
     where = f"ckpt_path={path}"
