@@ -14,7 +14,9 @@ model, its engine running) and expect an OpenAI-style error object with a 4xx st
 from __future__ import annotations
 
 import importlib
+import io
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -164,7 +166,8 @@ def files(tmp_path_factory) -> Path:
     (root / "empty.jsonl").write_text("")
     (root / "latin1.txt").write_bytes("caf\xe9 ol\xe9, d\xe9j\xe0 vu\n".encode("latin-1") * 20)
     (root / "empty.ckpt").write_bytes(b"")
-    (root / "garbage.ckpt").write_bytes(os.urandom(4096))
+    # Seeded: random bytes hit torch's unpickler in a different state on every draw.
+    (root / "garbage.ckpt").write_bytes(random.Random(0).randbytes(4096))
     torch.save({"model.weight": torch.zeros(2, 2)}, root / "plain_weights.pt")
     torch.save({"state_dict": {}, "global_step": 1, "cfg": _Opaque()}, root / "pickled.ckpt")
     from llamahome.train import train
@@ -207,6 +210,83 @@ def test_bad_input_is_one_clear_line(entry, overrides, code, phrase, files, tmp_
     assert phrase.replace("{files}", str(files)) in lines[0], lines[0]
     assert "Traceback" not in err
     assert "weights_only=False" not in err
+
+
+# ------------------------------------------------------------------------ any checkpoint bytes
+def _damaged_checkpoints(count: int) -> list[bytes]:
+    """``count`` seeded byte strings: random, random behind a zip/pickle magic, and a real
+    Lightning-shaped checkpoint truncated, with bytes overwritten, or with bytes inserted."""
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {"model.w": torch.arange(64.0).reshape(8, 8)}, "global_step": 3},
+               buffer)
+    real = buffer.getvalue()
+    magics = (b"PK\x03\x04", b"\x80\x02", b"\x80\x04", b"\x80\x05", b"{", b"\x93NUMPY")
+    out = []
+    for seed in range(count):
+        rng = random.Random(seed)
+        kind = seed % 5
+        if kind == 0:
+            data = rng.randbytes(rng.randint(1, 4096))
+        elif kind == 1:
+            data = rng.choice(magics) + rng.randbytes(rng.randint(0, 2048))
+        elif kind == 2:
+            data = real[: rng.randint(1, len(real) - 1)]
+        elif kind == 3:
+            damaged = bytearray(real)
+            for _ in range(rng.randint(1, 8)):
+                damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+            data = bytes(damaged)
+        else:
+            at = rng.randrange(len(real))
+            data = real[:at] + rng.randbytes(rng.randint(1, 64)) + real[at:]
+        out.append(data)
+    return out
+
+
+def test_any_bytes_as_a_checkpoint_load_or_fail_in_one_line(tmp_path) -> None:
+    """The loader on 600 damaged files: a checkpoint dict or one ConfigError line, never another
+    exception (random bytes used to end in IndexError, KeyError or UnicodeDecodeError ~9% of
+    the time) and never torch's advice to load with weights_only=False."""
+    from llamahome.errors import ConfigError
+    from llamahome.training.ckpt_check import load_checkpoint_safely
+
+    path = tmp_path / "damaged.ckpt"
+    refused = 0
+    for seed, data in enumerate(_damaged_checkpoints(600)):
+        path.write_bytes(data)
+        try:
+            state = load_checkpoint_safely(path)
+        except ConfigError as err:
+            refused += 1
+            message = str(err)
+            assert message.startswith(f"ckpt_path={path}: "), (seed, message)
+            assert "\n" not in message and "weights_only=False" not in message, (seed, message)
+        else:  # a byte changed inside the tensor data: the file still is a checkpoint
+            assert isinstance(state["state_dict"]["model.w"], torch.Tensor), seed
+            assert isinstance(state["global_step"], int), seed
+    assert refused > 500  # the draws really are damaged files, not 600 good ones
+
+
+@pytest.mark.parametrize(
+    ("held", "phrase"),
+    [
+        pytest.param({"state_dict": 5, "global_step": 1}, "state_dict is not a dict", id="sd-int"),
+        pytest.param({"state_dict": {"w": [1.0]}, "global_step": 1}, "is a list, not a tensor",
+                     id="sd-list-value"),
+        pytest.param({"state_dict": {}, "global_step": "12"}, "global_step is '12'",
+                     id="step-str"),
+        pytest.param({"state_dict": {}}, "not a Lightning checkpoint", id="no-step"),
+        pytest.param([torch.zeros(2)], "holds list", id="a-list"),
+        pytest.param(torch.zeros(2), "holds Tensor", id="a-tensor"),
+    ],
+)
+def test_a_loadable_file_of_the_wrong_shape_is_one_line(held, phrase, tmp_path) -> None:
+    from llamahome.errors import ConfigError
+    from llamahome.training.ckpt_check import load_checkpoint_safely
+
+    torch.save(held, tmp_path / "odd.ckpt")
+    with pytest.raises(ConfigError, match=phrase):
+        load_checkpoint_safely(tmp_path / "odd.ckpt")
 
 
 # ------------------------------------------------------------------------------ API misuse
