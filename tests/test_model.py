@@ -63,8 +63,13 @@ def test_missing_local_directory_is_a_model_error(tmp_path) -> None:
 
 
 def test_directory_without_weights_is_a_model_error(tmp_path) -> None:
-    (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ModelError, match="could not load"):
+    (tmp_path / "config.json").write_text("{}")  # named before anything loads
+    with pytest.raises(ModelError, match=r"config\.json: has no \"model_type\""):
+        load_model(str(tmp_path))
+    model, tokenizer = load_model("tiny", attn_implementation="sdpa")
+    model.config.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="config.json but no weights"):
         load_model(str(tmp_path))
 
 
