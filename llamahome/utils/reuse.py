@@ -80,9 +80,7 @@ def previous_run(run_dir: str | os.PathLike) -> str | None:
         return None
     state, step = _last_state(read_run_history(path))
     details = ", ".join(found)
-    if step is not None:
-        details = f"global step {step}" + (f"; {details}" if details else "")
-    return f"{state} ({details})" if details else state
+    return f"{state} ({details if step is None else f'global step {step}; {details}'})"
 
 
 def _last_state(history: list[dict[str, Any]]) -> tuple[str, int | None]:
