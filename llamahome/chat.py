@@ -11,6 +11,8 @@ Commands: ``/reset``, ``/cache <policy> [budget]`` (e.g. ``/cache h2o 0.2``, ``/
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from typing import Any
 
@@ -20,6 +22,9 @@ from omegaconf import DictConfig
 from llamahome.errors import LlamaHomeError
 from llamahome.utils.cli import launch, quiet_libraries, user_errors
 from llamahome.utils.validation import build
+
+REPLACEMENT = "\ufffd"
+_UNDECODED = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of undecodable bytes
 
 HELP = (
     "commands: /reset (forget the conversation) | /cache <policy> [ratio|tokens] "
@@ -66,8 +71,34 @@ def handle_command(line: str, session: Any) -> bool:
     return True
 
 
+def tolerate_bad_bytes() -> None:
+    """Let stdin bytes that are not UTF-8, and output stdout cannot encode, never end the chat.
+
+    Undecodable input bytes come through as lone surrogates (``surrogateescape``), which
+    :func:`clean_input` replaces and reports; stdout replaces what its encoding lacks.
+    """
+    for stream, errors in ((sys.stdin, "surrogateescape"), (sys.stdout, "replace")):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors=errors)
+
+
+def clean_input(line: str) -> tuple[str, int]:
+    """Replace the bytes ``surrogateescape`` could not decode (U+DC80-U+DCFF) with U+FFFD.
+
+    Returns:
+        The text, safe for any tokenizer, and how many bytes were replaced.
+    """
+    bad = _UNDECODED.findall(line)
+    return (_UNDECODED.sub(REPLACEMENT, line), len(bad)) if bad else (line, 0)
+
+
 def repl(session: Any, read=input) -> None:
-    """Read messages and commands until /exit or end of input."""
+    """Read messages and commands until /exit or end of input.
+
+    A line with bytes that are not UTF-8 is answered with them replaced (and one line saying
+    so); an unexpected failure of one answer prints one ``error:`` line and the chat goes on
+    with its history (``LLAMAHOME_DEBUG=1`` raises it instead).
+    """
     while True:
         try:
             line = read("> ").strip()
@@ -77,6 +108,16 @@ def repl(session: Any, read=input) -> None:
         except KeyboardInterrupt:  # at the prompt: a fresh line, like a shell
             print()
             continue
+        except UnicodeDecodeError as err:  # a stream not set up by tolerate_bad_bytes()
+            print(f"[chat] input is not UTF-8 (byte {err.start}); type the message again")
+            continue
+        line, replaced = clean_input(line)
+        if replaced:
+            print(
+                f"[chat] {replaced} byte(s) of the input were not UTF-8 and were replaced with "
+                f"{REPLACEMENT}",
+                flush=True,
+            )
         if not line:
             continue
         if line.startswith("/"):
@@ -90,6 +131,12 @@ def repl(session: Any, read=input) -> None:
             continue
         except LlamaHomeError as err:
             print(f"error: {type(err).__name__}: {err}")
+            continue
+        except Exception as err:  # noqa: BLE001 - one failed answer must not end the session
+            if os.environ.get("LLAMAHOME_DEBUG"):
+                raise
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            print(f"\nerror: {type(err).__name__}: {first} (the conversation goes on)")
             continue
         print()
         print(stats.status_line(), flush=True)
@@ -111,8 +158,15 @@ def chat(cfg: DictConfig) -> None:
     from transformers.utils import logging as hf_logging
 
     from llamahome.model.chat import ChatSession
+    from llamahome.model.context import check_length, model_context
     from llamahome.model.load import load_model
 
+    # max_new_tokens is kept free in the context on every turn: it must leave room for a message.
+    max_new = gen_kwargs["max_new_tokens"]
+    check_length(
+        f"max_new_tokens={max_new}", max_new, model_context(model_spec), 1, "a message",
+        hint="lower max_new_tokens",
+    )
     hf_logging.disable_progress_bar()  # no loading bars in a terminal conversation
     torch.manual_seed(int(cfg.get("seed") or 0))
     model, tokenizer = load_model(model_spec)
@@ -128,6 +182,7 @@ def chat(cfg: DictConfig) -> None:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
+    tolerate_bad_bytes()
     repl(session)
 
 

@@ -45,7 +45,8 @@ def model_spec(cfg: DictConfig) -> Any:
         ModelError: A local directory without config or weights.
         ConfigError: A bad ``model.*`` value.
     """
-    from llamahome.model.load import ModelSpec, check_model_dir, resolve_location
+    from llamahome.model.files import check_model_dir
+    from llamahome.model.load import ModelSpec, resolve_location
 
     spec = build(cfg, "model")
     path = cfg.get("model_path")
@@ -86,6 +87,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     cache_spec = build(cfg, "cache")
     task = build(cfg, "task")
     spec = model_spec(cfg)
+    check_context = getattr(task, "check_context", None)
+    if check_context is not None:  # a length past the model's context: one line, before loading
+        from llamahome.model.context import model_context
+
+        check_context(model_context(spec), cache_spec)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("print_config"):

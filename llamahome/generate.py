@@ -125,16 +125,19 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     from transformers import TextStreamer
 
     from llamahome.kvcache.spec import full_kv_bytes, kv_bytes
-    from llamahome.model.context import fit_new_tokens
-    from llamahome.model.load import load_model
+    from llamahome.model.context import fit_new_tokens, model_context
+    from llamahome.model.load import load_model, load_tokenizer
 
     torch.manual_seed(int(cfg.get("seed") or 0))
-    model, tokenizer = load_model(model_spec)
-    model.eval()
+    tokenizer = load_tokenizer(model_spec)
     inputs = encode(tokenizer, prompt, cfg.get("chat_template", "auto"), cfg.get("system_prompt"))
-    inputs = {k: v.to(model.device) for k, v in inputs.items()}
     prompt_tokens = int(inputs["input_ids"].shape[1])
     what = f"prompt_file={cfg.prompt_file}" if cfg.get("prompt_file") else "prompt"
+    # A prompt past the context fails here, from the config alone, before the weights load.
+    fit_new_tokens(prompt_tokens, gen_kwargs["max_new_tokens"], model_context(model_spec), what)
+    model, tokenizer = load_model(model_spec, tokenizer=tokenizer)
+    model.eval()
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
     max_new = fit_new_tokens(prompt_tokens, gen_kwargs["max_new_tokens"], model.config, what)
     if max_new < gen_kwargs["max_new_tokens"]:
         log.warning("max_new_tokens capped at %d: prompt + answer must fit the context", max_new)

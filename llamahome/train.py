@@ -32,11 +32,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         The metrics of :func:`fit_and_export`.
     """
-    from llamahome.utils.rundir import append_run_record, run_dir_locked, start_fields
+    from llamahome.utils.reuse import check_reuse
+    from llamahome.utils.rundir import (
+        append_run_record,
+        is_committed,
+        is_launching_rank,
+        run_dir_locked,
+    )
 
     output_dir = Path(cfg.paths.output_dir)
     with run_dir_locked(output_dir):  # before anything is written: one live run per dir
-        append_run_record(output_dir, {"event": "start", **start_fields(cfg)})
+        if is_launching_rank():  # a finished run here is resumed or overwritten, never reused
+            check_reuse(output_dir, "train", cfg.get("ckpt_path"), cfg.get("overwrite", False))
         status: dict[str, Any] = {"event": "end", "status": "failed"}
         try:
             metrics = fit_and_export(cfg, status)
@@ -47,7 +54,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             status["exit_code"] = err.code
             raise
         finally:
-            append_run_record(output_dir, status)
+            if is_committed(output_dir):  # a run refused by its checks leaves no record
+                append_run_record(output_dir, status)
 
 
 def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -71,7 +79,11 @@ def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dic
         resolve_ckpt_path,
         shards_model,
     )
-    from llamahome.training.run_guards import adapt_to_missing_validation, clamp_log_every
+    from llamahome.training.run_guards import (
+        adapt_to_missing_validation,
+        check_sequence_length,
+        clamp_log_every,
+    )
 
     start = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
@@ -83,12 +95,13 @@ def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dic
     check_learning_rate(cfg)
     check_seed(cfg)
     model_spec = build(cfg, "model")
+    check_sequence_length(cfg, model_spec)
     cache_spec = build(cfg, "cache")
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, shards=shards_model(cfg))
     if cfg.get("print_config") and is_rank_zero():
         from llamahome.utils.rich_utils import print_config_tree
 
-        print_config_tree(cfg, save_to=output_dir / "config_tree.log")
+        print_config_tree(cfg)  # saved in the run dir once the run commits (below)
 
     # 2. The checks that need torch: the optimizer on a dummy parameter, the fine-tuning method.
     import lightning as L
@@ -103,7 +116,9 @@ def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dic
     from llamahome.training.run_logs import finish_run_hyperparams, log_run_hyperparams
     from llamahome.training.sharded_checkpoint import check_sharded
     from llamahome.training.signals import stop_on_signals
-    from llamahome.utils.rich_utils import print_table
+    from llamahome.utils.reuse import commit_run
+    from llamahome.utils.rich_utils import print_config_tree, print_table
+    from llamahome.utils.rundir import start_fields
 
     check_optimizer(cfg)
     if in_multirun():
@@ -136,6 +151,12 @@ def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dic
         run = f"model={model_spec.name}, {'LoRA' if lit.is_peft else 'no adapters'}"
         check = check_checkpoint if Path(ckpt_path).is_file() else check_sharded
         check(ckpt_path, expected_state(lit), run)
+
+    # Every check passed: only now does the run write into its directory (a refused command
+    # leaves a run dir it shares with an earlier run byte for byte as it was).
+    commit_run(output_dir, bool(cfg.get("overwrite")), start_fields(cfg))
+    if cfg.get("print_config") and is_rank_zero():
+        print_config_tree(cfg, save_to=output_dir / "config_tree.log", echo=False)
 
     # 5. Trainer with callbacks and loggers from their config groups.
     callbacks = [build(cfg, f"callbacks.{name}") for name in cfg.get("callbacks") or {}]

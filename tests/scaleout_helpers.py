@@ -1,7 +1,7 @@
 """Test-only callbacks and plugins, injected into real runs with Hydra overrides.
 
 Subprocess runs import this module through ``PYTHONPATH=tests`` (see ``cli_env``), e.g.
-``+callbacks.steps._target_=scaleout_helpers.StepReporter``; DDP's second rank inherits the
+``+callbacks.pause._target_=scaleout_helpers.PauseAtStep``; DDP's second rank inherits the
 environment and the overrides, so it loads them too.
 """
 
@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback
 
 from llamahome.training.checkpointing import AtomicCheckpointIO
 
-STEP_MARK = "SCALEOUT-TEST step"
+PAUSE_MARK = "SCALEOUT-TEST paused at step"
 TESTS = Path(__file__).resolve().parent
 
 
@@ -47,12 +47,27 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-class StepReporter(Callback):
-    """Print ``SCALEOUT-TEST step <global_step>`` after every optimizer step (stdout, flushed)."""
+class PauseAtStep(Callback):
+    """After optimizer step ``step``, print ``SCALEOUT-TEST paused at step <step>`` and stand
+    still until SIGTERM or Ctrl-C sets Lightning's stop flag (or SIGKILL ends the process).
+
+    A test that signals a run "at step N" must not depend on how fast it reads the run's
+    output: a slow reader on a busy machine would let the run go on past the next checkpoint.
+    Paused, the run is exactly at step ``step`` when the signal arrives, and Lightning stops at
+    this batch boundary. ``max_s`` only bounds an orphaned process's life.
+    """
+
+    def __init__(self, step: int, max_s: float = 600.0) -> None:
+        self.step = step
+        self.max_s = max_s
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.is_global_zero:
-            print(f"{STEP_MARK} {trainer.global_step}", flush=True)
+        if trainer.global_step != self.step or not trainer.is_global_zero:
+            return
+        print(f"{PAUSE_MARK} {self.step}", flush=True)
+        deadline = time.monotonic() + self.max_s
+        while not trainer.received_sigterm and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 class CrashAtStep(Callback):
@@ -93,7 +108,7 @@ class SlowCheckpointIO(AtomicCheckpointIO):
     temporary file), as they would be for a large checkpoint being written.
     """
 
-    def __init__(self, hold_on: int = 2, hold_s: float = 60.0) -> None:
+    def __init__(self, hold_on: int = 2, hold_s: float = 600.0) -> None:
         super().__init__()
         self.hold_on = hold_on
         self.hold_s = hold_s

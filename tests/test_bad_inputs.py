@@ -9,18 +9,28 @@ guard) run as subprocesses, a handful only (each starts Python, torch and Hydra)
 
 Serve rows (``SERVE_ROWS``) send bad HTTP requests to the real app (``build_server`` on a tiny
 model, its engine running) and expect an OpenAI-style error object with a 4xx status.
+
+Further tables: damaged checkpoint bytes (600 seeded files), damaged model directories through
+``load_model``, chat input (``CHAT_ROWS``: the session always goes on), and run directories
+that hold a run (``RUNDIR_CLI_ROWS`` through the real command line, ``RUNDIR_ROWS`` in process:
+every refused command leaves the directory byte for byte as it was). The damaged files are built
+from seeds in ``bad_files.py``.
 """
 
 from __future__ import annotations
 
+import csv
 import importlib
+import io
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bad_files import damaged_checkpoints, prepare_run, snapshot, write_bad_models
 from conftest import REPO, TINY_TRAIN, compose
 
 from llamahome.utils.cli import user_errors
@@ -34,6 +44,7 @@ TRAIN = (
     "~callbacks.sample_generation",
 )
 GEN = ("model=tiny", "print_config=false", "stream=false", "max_new_tokens=2")
+CHAT = ("model=tiny", "print_config=false")
 
 # (id, entry, overrides, exit status, phrase in the error line). {files} is a directory of bad
 # data files and checkpoints built once per module (see `files`).
@@ -126,6 +137,107 @@ ROWS = [
     # -------------------------------------------------------------- eval
     ("eval-model-path-missing", "evaluate", ("model=tiny", "model_path=/no/such/export"), 2,
      "/no/such/export"),
+    # -------------------------------------------------------------- lengths past the context
+    # (model=tiny: 2,048 positions). Refused from the config alone, before the weights load.
+    ("len-passkey-100k", "evaluate", ("model=tiny", "task=passkey", "task.lengths=[100000]"), 2,
+     "ConfigError: task.lengths=[100000] is 100000 tokens (+ 8 for the answer) but the model's "
+     "context is 2048 tokens"),
+    ("len-passkey-at-context", "evaluate",
+     ("model=tiny", "task=passkey", "task.lengths=[512,2048]"), 2,
+     "ConfigError: task.lengths=[512, 2048] is 2048 tokens (+ 8 for the answer)"),
+    ("len-ruler-4096", "evaluate", ("model=tiny", "task=ruler", "task.lengths=[4096]"), 2,
+     "ConfigError: task.lengths=[4096] is 4096 tokens (+ 48 for the answer) but the model's "
+     "context is 2048"),
+    ("len-niah-one-too-long", "evaluate", ("model=tiny", "task=niah", "task.lengths=[1024,4096]"),
+     2, "ConfigError: task.lengths=[1024, 4096] is 4096 tokens"),
+    ("len-ppl-100k", "evaluate", ("model=tiny", "task=streaming_ppl", "task.length=100000"), 2,
+     "ConfigError: task.length=100000 is 100000 tokens but the model's context is 2048"),
+    ("len-ppl-rolling-prefill", "evaluate",
+     ("model=tiny", "cache=window", "cache.window_length=256", "cache.position_rolling=true",
+      "task.length=100000", "task.prefix=4000"), 2,
+     "ConfigError: task.length=100000 (the cache budget, positions rolled) is 4000 tokens"),
+    ("len-ppl-rolling-budget", "evaluate",
+     ("model=tiny", "cache=h2o", "cache.budget_ratio=0.2", "cache.position_rolling=true",
+      "task.length=100000"), 2,
+     "ConfigError: task.length=100000 (the cache budget, positions rolled) is 20001 tokens"),
+    # A model directory whose config.json says 256 positions.
+    ("len-model-dir", "evaluate",
+     ("model=hf", "model.pretrained={files}/ctx256", "task=passkey", "task.lengths=[512]"), 2,
+     "ConfigError: task.lengths=[512] is 512 tokens (+ 8 for the answer) but the model's "
+     "context is 256 tokens"),
+    ("len-smollm2-9000", "evaluate", ("model=smollm2", "task=passkey", "task.lengths=[9000]"), 2,
+     "ConfigError: task.lengths=[9000] is 9000 tokens (+ 8 for the answer) but the model's "
+     "context is 8192 tokens"),
+    ("len-summarization-document", "evaluate",
+     ("model=tiny", "task=summarization", "task.data_file={files}/long_document.jsonl",
+      "task.show_progress=false"), 2,
+     "ConfigError: task.data_file={files}/long_document.jsonl line 2 is"),
+    ("len-summarization-not-utf8", "evaluate",
+     ("model=tiny", "task=summarization", "task.data_file={files}/latin1.txt"), 2,
+     "DataError: {files}/latin1.txt: not UTF-8 text"),
+    # The same without weights: only a check that reads the config alone, before loading, can
+    # give this line.
+    ("len-gen-prompt-file-config-only", "generate",
+     ("model=hf", "model.pretrained={files}/ctx256_no_weights",
+      "prompt_file={files}/long_prompt.txt"), 2,
+     "ConfigError: prompt_file={files}/long_prompt.txt is"),
+    ("len-train-max-seq-length", "train", ("data.max_seq_length=4096",), 2,
+     "ConfigError: data.max_seq_length=4096 is 4096 tokens but the model's context is 2048"),
+    ("len-chat-max-new-tokens", "chat", ("max_new_tokens=2048",), 2,
+     "ConfigError: max_new_tokens=2048 is 2048 tokens (+ 1 for a message) but the model's "
+     "context is 2048"),
+    # -------------------------------------------------------------- damaged model files
+    # model=<dir> of a tiny Llama saved with save_pretrained, one file damaged per row.
+    ("weights-truncated", "generate", ("model=hf", "model.pretrained={files}/m_truncated"), 2,
+     "ModelError: {files}/m_truncated/model.safetensors: is truncated:"),
+    ("weights-empty", "generate", ("model=hf", "model.pretrained={files}/m_empty"), 2,
+     "ModelError: {files}/m_empty/model.safetensors: is truncated or not a safetensors file "
+     "(0 bytes"),
+    ("weights-random-bytes", "generate", ("model=hf", "model.pretrained={files}/m_garbage"), 2,
+     "ModelError: {files}/m_garbage/model.safetensors: is truncated or not a safetensors file"),
+    ("weights-header-only", "generate", ("model=hf", "model.pretrained={files}/m_header_only"),
+     2, "ModelError: {files}/m_header_only/model.safetensors: is truncated:"),
+    ("weights-trailing-bytes", "generate", ("model=hf", "model.pretrained={files}/m_trailing"),
+     2, "ModelError: {files}/m_trailing/model.safetensors: has trailing bytes"),
+    ("weights-bad-header", "generate", ("model=hf", "model.pretrained={files}/m_bad_header"), 2,
+     "ModelError: {files}/m_bad_header/model.safetensors: is damaged or not a safetensors file"),
+    ("weights-shard-missing", "generate",
+     ("model=hf", "model.pretrained={files}/m_shard_missing"), 2,
+     "ModelError: {files}/m_shard_missing/model-00002-of-00002.safetensors: missing"),
+    ("weights-index-not-json", "generate",
+     ("model=hf", "model.pretrained={files}/m_index_not_json"), 2,
+     "ModelError: {files}/m_index_not_json/model.safetensors.index.json: is not valid JSON"),
+    ("weights-bin-truncated", "generate", ("model=hf", "model.pretrained={files}/m_bin_truncated"),
+     2, "ModelError: {files}/m_bin_truncated/pytorch_model.bin: is truncated or damaged"),
+    ("weights-none", "generate", ("model=hf", "model.pretrained={files}/m_no_weights"), 2,
+     "ModelError: {files}/m_no_weights: config.json but no weights"),
+    ("config-not-json", "generate", ("model=hf", "model.pretrained={files}/m_config_not_json"),
+     2, "ModelError: {files}/m_config_not_json/config.json: is not valid JSON"),
+    ("config-empty", "generate", ("model=hf", "model.pretrained={files}/m_config_empty"), 2,
+     "ModelError: {files}/m_config_empty/config.json: is empty"),
+    ("config-a-list", "generate", ("model=hf", "model.pretrained={files}/m_config_list"), 2,
+     "ModelError: {files}/m_config_list/config.json: holds a JSON list"),
+    ("config-no-model-type", "generate",
+     ("model=hf", "model.pretrained={files}/m_config_no_type"), 2,
+     "ModelError: {files}/m_config_no_type/config.json: has no \"model_type\""),
+    ("config-bad-value", "generate", ("model=hf", "model.pretrained={files}/m_config_bad_value"),
+     2, "ModelError: {files}/m_config_bad_value/config.json: Validation error for field "
+     "'hidden_size'"),
+    ("config-not-utf8", "generate", ("model=hf", "model.pretrained={files}/m_config_latin1"), 2,
+     "ModelError: {files}/m_config_latin1/config.json: is not UTF-8"),
+    ("tokenizer-json-damaged", "generate",
+     ("model=hf", "model.pretrained={files}/m_tokenizer_damaged"), 2,
+     "ModelError: {files}/m_tokenizer_damaged/tokenizer.json: is not valid JSON"),
+    ("generation-config-damaged", "generate",
+     ("model=hf", "model.pretrained={files}/m_generation_damaged"), 2,
+     "ModelError: {files}/m_generation_damaged/generation_config.json: is not valid JSON"),
+    ("run-export-truncated", "evaluate",
+     ("model=hf", "model.pretrained={files}/run_export_truncated", "task.length=40",
+      "task.prefix=8"), 2,
+     "ModelError: {files}/run_export_truncated/export/model.safetensors: is truncated:"),
+    ("gguf-truncated", "generate",
+     ("model=hf", "model.pretrained={files}/gguf_truncated", "+model.gguf_file=model.gguf"), 2,
+     "ModelError: gguf_truncated: could not load weights from {files}/gguf_truncated/model.gguf"),
 ]
 
 # Requests against the OpenAI-compatible server, one row each:
@@ -164,7 +276,8 @@ def files(tmp_path_factory) -> Path:
     (root / "empty.jsonl").write_text("")
     (root / "latin1.txt").write_bytes("caf\xe9 ol\xe9, d\xe9j\xe0 vu\n".encode("latin-1") * 20)
     (root / "empty.ckpt").write_bytes(b"")
-    (root / "garbage.ckpt").write_bytes(os.urandom(4096))
+    # Seeded: random bytes hit torch's unpickler in a different state on every draw.
+    (root / "garbage.ckpt").write_bytes(random.Random(0).randbytes(4096))
     torch.save({"model.weight": torch.zeros(2, 2)}, root / "plain_weights.pt")
     torch.save({"state_dict": {}, "global_step": 1, "cfg": _Opaque()}, root / "pickled.ckpt")
     from llamahome.train import train
@@ -176,6 +289,7 @@ def files(tmp_path_factory) -> Path:
         (root / f"{name}.ckpt").write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())
     data = (root / "full.ckpt").read_bytes()
     (root / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    write_bad_models(root)
     return root
 
 
@@ -193,7 +307,7 @@ def _entry(name: str):
     [pytest.param(*row[1:], id=row[0]) for row in ROWS],
 )
 def test_bad_input_is_one_clear_line(entry, overrides, code, phrase, files, tmp_path, capsys):
-    defaults = {"train": TRAIN, "generate": GEN}.get(entry, ())
+    defaults = {"train": TRAIN, "generate": GEN, "chat": CHAT}.get(entry, ())
     overrides = tuple(o.replace("{files}", str(files)) for o in overrides)
     config = "eval" if entry == "evaluate" else entry
     cfg = compose(config, (*defaults, *overrides), tmp_path / "run")
@@ -207,6 +321,53 @@ def test_bad_input_is_one_clear_line(entry, overrides, code, phrase, files, tmp_
     assert phrase.replace("{files}", str(files)) in lines[0], lines[0]
     assert "Traceback" not in err
     assert "weights_only=False" not in err
+
+
+# ------------------------------------------------------------------------ any checkpoint bytes
+def test_any_bytes_as_a_checkpoint_load_or_fail_in_one_line(tmp_path) -> None:
+    """The loader on 600 damaged files: a checkpoint dict or one ConfigError line, never another
+    exception (random bytes used to end in IndexError, KeyError or UnicodeDecodeError ~9% of
+    the time) and never torch's advice to load with weights_only=False."""
+    from llamahome.errors import ConfigError
+    from llamahome.training.ckpt_check import load_checkpoint_safely
+
+    path = tmp_path / "damaged.ckpt"
+    refused = 0
+    for seed, data in enumerate(damaged_checkpoints(600)):
+        path.write_bytes(data)
+        try:
+            state = load_checkpoint_safely(path)
+        except ConfigError as err:
+            refused += 1
+            message = str(err)
+            assert message.startswith(f"ckpt_path={path}: "), (seed, message)
+            assert "\n" not in message and "weights_only=False" not in message, (seed, message)
+        else:  # a byte changed inside the tensor data: the file still is a checkpoint
+            assert isinstance(state["state_dict"]["model.w"], torch.Tensor), seed
+            assert isinstance(state["global_step"], int), seed
+    assert refused > 500  # the draws really are damaged files, not 600 good ones
+
+
+@pytest.mark.parametrize(
+    ("held", "phrase"),
+    [
+        pytest.param({"state_dict": 5, "global_step": 1}, "state_dict is not a dict", id="sd-int"),
+        pytest.param({"state_dict": {"w": [1.0]}, "global_step": 1}, "is a list, not a tensor",
+                     id="sd-list-value"),
+        pytest.param({"state_dict": {}, "global_step": "12"}, "global_step is '12'",
+                     id="step-str"),
+        pytest.param({"state_dict": {}}, "not a Lightning checkpoint", id="no-step"),
+        pytest.param([torch.zeros(2)], "holds list", id="a-list"),
+        pytest.param(torch.zeros(2), "holds Tensor", id="a-tensor"),
+    ],
+)
+def test_a_loadable_file_of_the_wrong_shape_is_one_line(held, phrase, tmp_path) -> None:
+    from llamahome.errors import ConfigError
+    from llamahome.training.ckpt_check import load_checkpoint_safely
+
+    torch.save(held, tmp_path / "odd.ckpt")
+    with pytest.raises(ConfigError, match=phrase):
+        load_checkpoint_safely(tmp_path / "odd.ckpt")
 
 
 # ------------------------------------------------------------------------------ API misuse
@@ -404,3 +565,230 @@ def test_non_utf8_bytes_on_the_real_command_line_are_one_line(tmp_path) -> None:
         "error: ConfigError: the argument 'system_prompt=caf\\xe9' is not UTF-8 text (byte 0xe9): "
         "retype it, or set a UTF-8 locale in the terminal (e.g. LANG=C.UTF-8).\n"
     )
+
+
+# ------------------------------------------------------------------------------ model files, API
+MODEL_FILE_API_ROWS = [
+    ("api-weights-truncated", "m_truncated", "model.safetensors: is truncated:"),
+    ("api-shard-missing", "m_shard_missing", "model-00002-of-00002.safetensors: missing"),
+    ("api-config-bad-value", "m_config_bad_value", "config.json: Validation error for field"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "phrase"), [pytest.param(*r[1:], id=r[0]) for r in MODEL_FILE_API_ROWS]
+)
+def test_load_model_on_a_damaged_directory_is_a_model_error_naming_the_file(
+    name, phrase, files
+) -> None:
+    from llamahome import load_model
+    from llamahome.errors import ModelError
+
+    with pytest.raises(ModelError) as info:
+        load_model(str(files / name))
+    message = str(info.value)
+    assert message.startswith(str(files / name)) and phrase in message, message
+    assert len(message.splitlines()) == 1
+
+
+def test_eval_refuses_a_length_before_the_weights_load(files, tmp_path, monkeypatch) -> None:
+    """Every task's length check reads the model's config alone: no weights are loaded."""
+    import llamahome.model.load as load
+    from llamahome.errors import ConfigError
+    from llamahome.eval import evaluate
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the length check")
+
+    monkeypatch.setattr(load, "build_or_load_model", no_weights)
+    monkeypatch.setattr(load, "load_tokenizer", no_weights)
+    for task in (("task=passkey", "task.lengths=[512]"), ("task=ruler", "task.lengths=[512]"),
+                 ("task=niah", "task.lengths=[512]"), ("task=streaming_ppl", "task.length=512")):
+        cfg = compose("eval", ("model=hf", f"model.pretrained={files}/ctx256", *task),
+                      tmp_path / "run")
+        with pytest.raises(ConfigError, match="but the model's context is 256 tokens"):
+            evaluate(cfg)
+
+
+# ------------------------------------------------------------------------------ chat
+# Typed into the chat REPL, in process: the same decoding of stdin as `python -m llamahome.chat`
+# (surrogateescape, see llamahome.chat.tolerate_bad_bytes). Each row: (id, stdin bytes, phrases
+# the output must show in order, answers given). The chat never ends before the input does.
+CHAT_ROWS = [
+    ("chat-latin1-byte", b"caf\xe9 au lait\n",
+     ["[chat] 1 byte(s) of the input were not UTF-8 and were replaced with \ufffd"], 1),
+    ("chat-broken-sequence", b"\xe2\x28\xa1 hello\n", ["[chat] 2 byte(s) of the input"], 1),
+    ("chat-bad-line-then-good", b"\xff\xfe\nHello there\n", ["[chat] 2 byte(s)", "[chat] "], 2),
+    ("chat-cut-at-end-of-input", b"Hi \xe2\x82", ["[chat] 2 byte(s) of the input"], 1),
+    ("chat-overlong-nul", b"a\xc0\x80b\n", ["[chat] 2 byte(s) of the input"], 1),
+    ("chat-message-past-context", b"word " * 120 + b"\nHi\n",
+     ["error: ConfigError: the message (with the chat template) is",
+      "but the model's context is 96 tokens (max_position_embeddings): send a shorter "
+      "message."], 1),
+    ("chat-old-turns-dropped", b"one two three four five six seven\n" * 4,
+     ["oldest turn", "to fit the 96-token context"], 4),
+]
+
+
+@pytest.fixture(scope="module")
+def chat_model(files):
+    from llamahome import load_model
+
+    return load_model(str(files / "m_good"))
+
+
+@pytest.mark.parametrize(
+    ("data", "phrases", "answers"), [pytest.param(*r[1:], id=r[0]) for r in CHAT_ROWS]
+)
+def test_chat_input_never_ends_the_session(data, phrases, answers, chat_model, capsys) -> None:
+    from llamahome.chat import repl
+    from llamahome.kvcache.spec import CacheSpec
+    from llamahome.model.chat import ChatSession
+
+    model, tokenizer = chat_model
+    kwargs = {"max_new_tokens": 8, "do_sample": False}
+    session = ChatSession(model, tokenizer, CacheSpec(policy="full"), kwargs)
+    session.context = 96  # a small context, so that long input and long histories meet it
+    stdin = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="surrogateescape")
+
+    def read(prompt: str) -> str:
+        line = stdin.readline()
+        if not line:
+            raise EOFError
+        return line
+
+    repl(session, read)  # returns at the end of input: nothing raised
+    out = capsys.readouterr().out
+    statuses = [line for line in out.splitlines() if " tok/s | KV " in line]
+    assert len(statuses) == answers, out
+    at = 0
+    for phrase in phrases:
+        found = out.find(phrase, at)
+        assert found >= 0, (phrase, out)
+        at = found + len(phrase)
+    assert "\udce9" not in out and "Traceback" not in out
+
+
+def test_chat_cli_takes_bytes_that_are_not_utf8(files, tmp_path) -> None:
+    """The real command: a latin-1 line on stdin is replaced, answered, and the chat goes on."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("LLAMAHOME_DEBUG", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "llamahome.chat", f"model={files / 'm_good'}", "cache=full",
+         "max_new_tokens=4", f"hydra.run.dir={tmp_path / 'chat'}"],
+        cwd=REPO, env=env, input=b"caf\xe9\nHello\n/exit\n", capture_output=True, timeout=300,
+    )
+    out = result.stdout.decode("utf-8", errors="replace")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 byte(s) of the input were not UTF-8 and were replaced" in out
+    assert out.count(" tok/s | KV ") == 2, out  # both lines answered (two status lines)
+    assert b"Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------ run directories
+# A run dir that holds a run is refused unless resumed or overwritten, and a refused command
+# leaves every file in it byte for byte as it was. `run_full` (a finished 1-step run) is copied
+# and its history edited per row.
+RUN_ARGS = tuple(a for a in TRAIN if a != "~callbacks.sample_generation")
+
+# Through the real command line (Hydra writes .hydra/ and the job log before the task runs):
+# (id, module, state of the run dir, extra args, phrases in the one error line).
+RUNDIR_CLI_ROWS = [
+    ("rundir-finished", "llamahome.train", "finished", (),
+     ["ConfigError: hydra.run.dir=", "holds a finished run (global step 1; last.ckpt",
+      "Resume it with ckpt_path=last", "overwrite=true"]),
+    ("rundir-interrupted", "llamahome.train", "interrupted", (),
+     ["holds an interrupted run (exit status 143)", "ckpt_path=last", "overwrite=true"]),
+    ("rundir-killed", "llamahome.train", "killed", (),
+     ["holds an interrupted run (it never recorded an end", "ckpt_path=last"]),
+    # Refused by train's own checks, after Hydra composed the job and the model loaded.
+    ("rundir-resume-refused-after-loading", "llamahome.train", "finished",
+     ("ckpt_path=last", "peft=lora"), ["holds a full model (no LoRA adapters)"]),
+    ("rundir-eval-into-a-train-run", "llamahome.eval", "finished", ("model=tiny",),
+     ["is a train run's directory", "pass model="]),
+    ("rundir-sweep-over-old-jobs", "llamahome.train", "sweep", ("-m", "optim.lr=1e-3,2e-3"),
+     ["hydra.sweep.dir=", "job dir 0 holds a finished run"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("module", "state", "extra", "phrases"),
+    [pytest.param(*r[1:], id=r[0]) for r in RUNDIR_CLI_ROWS],
+)
+def test_refused_command_leaves_the_run_dir_byte_identical(
+    module, state, extra, phrases, files, tmp_path
+) -> None:
+    base = tmp_path / "base"
+    run = prepare_run(files, base / "0" if state == "sweep" else base, state)
+    before = snapshot(base)
+    args = list(RUN_ARGS if module == "llamahome.train" else ("print_config=false",))
+    if "peft=lora" in extra:
+        args.remove("peft=none")
+    where = f"hydra.sweep.dir={base}" if state == "sweep" else f"hydra.run.dir={run}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("LLAMAHOME_DEBUG", None)
+    env.pop("HYDRA_FULL_ERROR", None)
+    flags = [a for a in extra if a.startswith("-")]  # -m before the overrides (argparse)
+    extra = [a for a in extra if not a.startswith("-")]
+    result = subprocess.run(
+        [sys.executable, "-m", module, *flags, *args, *extra, where],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+    assert snapshot(base) == before  # .hydra/, the log, the lock, the history: all untouched
+
+
+# In process (train() as the Python API and the CLI's task call it):
+# (id, state of the run dir, overrides, phrase in the one error line).
+RUNDIR_ROWS = [
+    ("rundir-another-runs-checkpoint", "finished", ("ckpt_path={files}/lora.ckpt",),
+     "holds a finished run"),
+    ("rundir-failed-with-checkpoint", "failed", (), "holds a failed run (global step 1"),
+    ("rundir-history-cut-short", "cut", (), "holds a finished run (global step 1"),
+    ("rundir-metrics-only", "metrics-only", (), "holds a run (metrics.csv)"),
+    ("rundir-overwrite-not-bool", "finished", ("overwrite=maybe",),
+     "overwrite='maybe' must be true or false"),
+    ("rundir-overwrite-and-resume", "finished", ("ckpt_path=last", "overwrite=true"),
+     "give one of the two"),
+]
+
+
+@pytest.mark.parametrize(
+    ("state", "overrides", "phrase"), [pytest.param(*r[1:], id=r[0]) for r in RUNDIR_ROWS]
+)
+def test_train_refuses_a_run_dir_it_would_damage(
+    state, overrides, phrase, files, tmp_path, capsys
+) -> None:
+    from llamahome.train import train
+
+    run = prepare_run(files, tmp_path / "run", state)
+    before = snapshot(run)
+    overrides = tuple(o.replace("{files}", str(files)) for o in overrides)
+    cfg = compose("train", (*TRAIN, *overrides), run)
+    with pytest.raises(SystemExit) as exit_info, user_errors():
+        train(cfg)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    assert "ConfigError: " in lines[0] and phrase in lines[0], lines[0]
+    assert snapshot(run) == before
+
+
+def test_overwrite_true_starts_over_in_a_finished_run_dir(files, tmp_path) -> None:
+    from llamahome.train import train
+    from llamahome.utils.rundir import read_run_history
+
+    run = prepare_run(files, tmp_path / "run", "finished")
+    old_ckpt = (run / "checkpoints" / "last.ckpt").read_bytes()
+    train(compose("train", (*TRAIN, "trainer.max_steps=2", "overwrite=true"), run))
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() != old_ckpt
+    with open(run / "metrics.csv") as file:
+        steps = [row["step"] for row in csv.DictReader(file) if row["train/loss"]]
+    assert steps == ["0", "1"]  # the new run's rows only, from step 0
+    history = read_run_history(run)
+    assert [h["event"] for h in history] == ["start", "end", "start", "end"]
+    assert history[2].get("overwrote") is True and history[3]["global_step"] == 2

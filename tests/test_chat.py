@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 
 import pytest
@@ -49,6 +50,13 @@ def tiny(tiny_dir):
     return load_model(str(tiny_dir))
 
 
+def _default_ctrl_c() -> None:
+    # A shell without job control starts background jobs with SIGINT ignored, and an ignored
+    # signal stays ignored across exec: under `make test &` or `nohup`, the chat would inherit
+    # that and Ctrl-C would do nothing. A person at a terminal has the default; so does the test.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn(tmp_path, *args: str):
     env = {**os.environ, "PROJECT_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1", "COLUMNS": "400"}
     child = pexpect.spawn(
@@ -59,6 +67,7 @@ def spawn(tmp_path, *args: str):
         encoding="utf-8",
         timeout=180,
         dimensions=(50, 400),
+        preexec_fn=_default_ctrl_c,
     )
     child.expect(r"\[chat\] model .*/help for commands")
     child.expect_exact("> ")

@@ -28,7 +28,7 @@ def make_docs(lengths: list[int], prompt: int = 0, splittable: bool = False) -> 
     )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)  # the same examples every run
 @given(
     lengths=st.lists(st.integers(min_value=2, max_value=40), min_size=1, max_size=60),
     max_len=st.integers(min_value=2, max_value=48),

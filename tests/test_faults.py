@@ -11,14 +11,13 @@ import errno
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import REPO, TINY_TRAIN, compose
 from scaleout_helpers import cli_env
-from test_resume import start, wait_for, wait_for_step
+from test_resume import pause_at, start, wait_for, wait_for_pause
 
 from llamahome.errors import ConfigError
 from llamahome.train import train
@@ -115,32 +114,37 @@ def test_second_run_in_a_busy_dir_fails_at_once_naming_the_pid(tmp_path) -> None
 
 # ------------------------------------------------------------------------------ Ctrl-C
 def test_ctrl_c_saves_last_ckpt_at_that_step_and_exits_130(tmp_path) -> None:
-    proc = start(tmp_path)
-    wait_for_step(proc, 3)
+    proc = start(tmp_path, *pause_at(3))
+    wait_for_pause(proc, 3)
     proc.send_signal(signal.SIGINT)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, output[-3000:]
-    saved = ckpt_step(tmp_path / "checkpoints" / "last.ckpt")
-    assert 3 <= saved < 6, output[-3000:]
+    assert ckpt_step(tmp_path / "checkpoints" / "last.ckpt") == 3, output[-3000:]
     assert "Traceback" not in output
-    assert train_steps(tmp_path) == list(range(saved))  # every finished step was logged
+    assert train_steps(tmp_path) == list(range(3))  # every finished step was logged
     # and the run continues from there, appending to its history
     train(compose("train", (*RUN, "ckpt_path=last"), tmp_path))
     assert train_steps(tmp_path) == list(range(12))
 
 
 def test_second_ctrl_c_aborts_at_once_without_a_partial_checkpoint(tmp_path) -> None:
-    # The first Ctrl-C's checkpoint write stalls (SlowCheckpointIO); the second aborts it.
+    # The first Ctrl-C's checkpoint write stalls for 600 s (SlowCheckpointIO); the second must
+    # abort it: a run that waited for the write would still be running at the timeout.
     proc = start(
-        tmp_path, "trainer.plugins=[{_target_:scaleout_helpers.SlowCheckpointIO,hold_on:1}]"
+        tmp_path,
+        "trainer.plugins=[{_target_:scaleout_helpers.SlowCheckpointIO,hold_on:1}]",
+        *pause_at(2),
     )
-    wait_for_step(proc, 2)
-    proc.send_signal(signal.SIGINT)
-    wait_for(proc, "SCALEOUT-TEST writing")
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    output = proc.communicate(timeout=60)[0]
-    assert time.monotonic() - sent < 30  # not the 60 s stall
+    try:
+        wait_for_pause(proc, 2)
+        proc.send_signal(signal.SIGINT)
+        wait_for(proc, "SCALEOUT-TEST writing")
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=180)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 130, output[-3000:]
     assert "Traceback" not in output
     checkpoints = tmp_path / "checkpoints"

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, TINY_TRAIN, compose
-from scaleout_helpers import STEP_MARK, cli_env, torch_threads
+from scaleout_helpers import PAUSE_MARK, cli_env, torch_threads
 
 from llamahome.train import train
 
@@ -66,12 +66,7 @@ def reference(tmp_path_factory) -> tuple[int, float, float]:
 
 
 def start(run: Path, *extra: str) -> subprocess.Popen:
-    args = [
-        *RUN,
-        "+callbacks.steps._target_=scaleout_helpers.StepReporter",
-        f"hydra.run.dir={run}",
-        *extra,
-    ]
+    args = [*RUN, f"hydra.run.dir={run}", *extra]
     return subprocess.Popen(
         [sys.executable, "-m", "llamahome.train", *args],
         cwd=REPO,
@@ -97,11 +92,15 @@ def wait_for(proc: subprocess.Popen, marker: str, timeout: float = 240) -> str:
     raise AssertionError(f"never saw {marker!r}:\n" + "".join(seen)[-3000:])
 
 
-def wait_for_step(proc: subprocess.Popen, step: int) -> int:
-    while True:
-        seen = int(wait_for(proc, STEP_MARK).split()[0])
-        if seen >= step:
-            return seen
+def pause_at(step: int) -> tuple[str, str]:
+    """Overrides that stop the run after optimizer step ``step`` until it is signalled."""
+    pause = "+callbacks.pause"
+    return (f"{pause}._target_=scaleout_helpers.PauseAtStep", f"{pause}.step={step}")
+
+
+def wait_for_pause(proc: subprocess.Popen, step: int) -> None:
+    """Wait until the run stands still after step ``step`` (see ``pause_at``)."""
+    assert int(wait_for(proc, PAUSE_MARK).split()[0]) == step
 
 
 def resume_and_compare(run: Path, reference: tuple[int, float, float]) -> None:
@@ -115,15 +114,16 @@ def resume_and_compare(run: Path, reference: tuple[int, float, float]) -> None:
 
 
 def test_sigkill_at_random_step_then_resume_matches_uninterrupted_run(tmp_path, reference) -> None:
-    # After the line for step 7 the step-6 checkpoint is complete; killing by step 10 lands
-    # before the run can finish. SCALEOUT_KILL_STEP replays a given draw.
-    kill_step = int(os.environ.get("SCALEOUT_KILL_STEP") or random.randint(7, 10))
-    proc = start(tmp_path)
-    seen = wait_for_step(proc, kill_step)
+    # After step 7 the step-6 checkpoint is complete; by step 10 the run cannot have finished.
+    # The draw is seeded (a test that can fail at random is a defect); SCALEOUT_KILL_STEP picks
+    # another step. The run pauses there, so the kill lands at that step however slow we are.
+    kill_step = int(os.environ.get("SCALEOUT_KILL_STEP") or random.Random(17).randint(7, 10))
+    proc = start(tmp_path, *pause_at(kill_step))
+    wait_for_pause(proc, kill_step)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, f"kill step {kill_step}"
-    assert ckpt_step(tmp_path / "checkpoints" / "last.ckpt") == 6, f"killed after step {seen}"
+    assert ckpt_step(tmp_path / "checkpoints" / "last.ckpt") == 6, f"killed at step {kill_step}"
     resume_and_compare(tmp_path, reference)
 
 
@@ -146,13 +146,12 @@ def test_sigkill_while_writing_last_ckpt_keeps_the_previous_one(tmp_path, refere
 
 def test_sigterm_saves_last_ckpt_at_that_step_and_exits_143(tmp_path, reference) -> None:
     # Between validations: the only checkpoint is the one SIGTERM writes, mid-epoch.
-    proc = start(tmp_path)
-    wait_for_step(proc, 3)
+    proc = start(tmp_path, *pause_at(3))
+    wait_for_pause(proc, 3)
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 143, output[-3000:]
-    saved = ckpt_step(tmp_path / "checkpoints" / "last.ckpt")
-    assert 3 <= saved < 6, output[-3000:]
+    assert ckpt_step(tmp_path / "checkpoints" / "last.ckpt") == 3, output[-3000:]
     assert "Traceback" not in output
     resume_and_compare(tmp_path, reference)
 

@@ -73,9 +73,13 @@ def server(model_dir, tmp_path_factory):
         tmp_path_factory.mktemp("serve-run"),
     )
     app, engine, serve_cfg = build_server(cfg)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    # A socket bound here and handed to uvicorn: no window in which another process could take
+    # a port we picked but had not bound yet.
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not server.started and time.time() < deadline:
@@ -84,6 +88,7 @@ def server(model_dir, tmp_path_factory):
     yield f"http://127.0.0.1:{port}", engine, app
     server.should_exit = True
     thread.join(timeout=10)
+    sock.close()
     engine.stop()
 
 

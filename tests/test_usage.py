@@ -95,8 +95,8 @@ def test_prompt_longer_than_the_context_is_one_error(tiny_dir, tmp_path):
 
     long_file = tmp_path / "long.txt"
     long_file.write_text("import os\n" * 1500, encoding="utf-8")  # > 2048 tokens
-    with pytest.raises(ConfigError, match=r"prompt_file=.*long.txt is \d+ tokens but the model's "
-                       r"context is 2048 tokens"):
+    with pytest.raises(ConfigError, match=r"prompt_file=.*long.txt is \d+ tokens \(\+ 1 for the "
+                       r"answer\) but the model's context is 2048 tokens"):
         generate(_compose(tmp_path, "model=hf", f"model.pretrained={tiny_dir}",
                           f"prompt_file={long_file}", "cache=full"))
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from llamahome.evaluation.base import Outcome, depth_list, flag, int_list, positive_int
 from llamahome.evaluation.protocol import protocol_name
-from llamahome.evaluation.ruler import check_lengths, score_samples
+from llamahome.evaluation.ruler import check_prompt_lengths, score_samples
 from llamahome.evaluation.ruler_data import (
     NEEDLE,
     Sample,
@@ -26,6 +26,7 @@ from llamahome.evaluation.ruler_data import (
     number,
     token_counter,
 )
+from llamahome.model.context import context_length
 
 
 def make_trial(count: Any, length: int, depth: float, seed: int, index: int) -> Sample:
@@ -86,9 +87,13 @@ class NeedleHeatmap:
             for i in range(self.trials)
         ]
 
+    def check_context(self, context: int | None, cache_spec: Any = None) -> None:
+        """Refuse lengths beyond the model's context (``llamahome.eval``: before loading)."""
+        check_prompt_lengths(self.lengths, ["niah_single"], context)
+
     def run(self, model: Any, tokenizer: Any, cache_spec: Any) -> Outcome:
         """Answer every trial; accuracy overall, per length and per (length, depth) cell."""
-        check_lengths(self.lengths, model)
+        self.check_context(context_length(model.config), cache_spec)
         trials = self.make_trials(tokenizer)
         # Batches are grouped by (subtask, length): every cell of a length shares them.
         scores, tokens, meter, watch = score_samples(

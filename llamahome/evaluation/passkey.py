@@ -35,6 +35,7 @@ from llamahome.evaluation.base import (
     progress,
 )
 from llamahome.evaluation.protocol import answer, protocol_name, split_prompt
+from llamahome.model.context import check_length, context_length
 
 INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
@@ -164,13 +165,30 @@ class Passkey:
         self.seed = int(seed)
         self.show_progress = show_progress
 
+    @property
+    def max_new_tokens(self) -> int:
+        """Answer tokens: digits may be one token each (Llama, SmolLM2), plus a space and a dot."""
+        return self.digits + 3
+
+    def check_context(self, context: int | None, cache_spec: Any = None) -> None:
+        """Refuse lengths beyond the model's context (``llamahome.eval``: before loading)."""
+        shown = ", ".join(map(str, self.lengths))
+        check_length(f"task.lengths=[{shown}]", max(self.lengths), context, self.max_new_tokens)
+
     def run(self, model: Any, tokenizer: Any, cache_spec: Any) -> Outcome:
         """Answer every trial with a fresh cache per batch; accuracy overall and per cell."""
+        context = context_length(model.config)
+        self.check_context(context, cache_spec)  # before building 100k-token prompts
         trials = make_trials(
             tokenizer, self.lengths, self.depths, self.trials, self.digits, self.seed
         )
-        # Digits may be one token each (Llama, SmolLM2): room for a leading space and a period.
-        max_new = self.digits + 3
+        # The prompts are fitted to about each length: check what they really are.
+        longest = max(trials, key=lambda t: len(t.prompt))
+        check_length(
+            f"task.lengths=[{longest.length}] (the prompt built for it)",
+            len(tokenizer(longest.prompt)["input_ids"]), context, self.max_new_tokens,
+        )
+        max_new = self.max_new_tokens
         meter, watch = KVMeter(), Stopwatch()
         correct: dict[tuple[int, float], int] = {}
         tokens = 0

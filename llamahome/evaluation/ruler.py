@@ -35,18 +35,22 @@ from llamahome.evaluation.ruler_data import (
     string_match_all,
     token_counter,
 )
+from llamahome.model.context import check_length, context_length
 
 log = logging.getLogger(__name__)
 
 
-def check_lengths(lengths: Sequence[int], model: Any, key: str = "task.lengths") -> None:
-    """Fail when a length exceeds the model's context (``max_position_embeddings``)."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and max(lengths) > limit:
-        raise ConfigError(
-            f"{key} has {max(lengths)} tokens but the model's context is {limit}: "
-            f"use lengths <= {limit}."
-        )
+def check_prompt_lengths(
+    lengths: Sequence[int], subtasks: Sequence[str], context: int | None
+) -> None:
+    """Refuse ``task.lengths`` whose longest prompt plus its answer exceeds the context.
+
+    Prompts are fitted to each length (answer prefix included); the answer adds up to the
+    subtask's ``MAX_NEW_TOKENS``.
+    """
+    reserved = max(MAX_NEW_TOKENS.get(subtask, 16) for subtask in subtasks)
+    shown = ", ".join(map(str, lengths))
+    check_length(f"task.lengths=[{shown}]", max(lengths), context, reserved)
 
 
 class Ruler:
@@ -115,9 +119,13 @@ class Ruler:
             for i in range(self.samples)
         ]
 
+    def check_context(self, context: int | None, cache_spec: Any = None) -> None:
+        """Refuse lengths beyond the model's context (``llamahome.eval``: before loading)."""
+        check_prompt_lengths(self.lengths, self.subtasks, context)
+
     def run(self, model: Any, tokenizer: Any, cache_spec: Any) -> Outcome:
         """Answer every prompt with a fresh cache per batch; recall per subtask and length."""
-        check_lengths(self.lengths, model)
+        self.check_context(context_length(model.config), cache_spec)
         samples = self.make_samples(tokenizer)
         scores, tokens, meter, watch = score_samples(
             model,

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from llamahome.errors import ConfigError, DataError
 from llamahome.evaluation.base import KVMeter, Outcome, Stopwatch, positive_int, progress
+from llamahome.model.context import check_length, context_length
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,18 @@ def streaming_perplexity(
     )
 
 
+def positions_seen(length: int, prefix: int, cache_spec: Any) -> int:
+    """How many positions the model sees scoring ``length`` tokens through ``cache_spec``.
+
+    ``length``, unless position rolling re-rotates the kept keys to their slot rank: then the
+    prefill (``prefix`` tokens at once) or the budget's slots plus the token being fed.
+    """
+    budget = getattr(cache_spec, "budget", None)
+    if not getattr(cache_spec, "position_rolling", False) or budget is None:
+        return length
+    return min(length, max(prefix, budget.for_cache(length).total(length) + 1))
+
+
 def _nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.double(), target, reduction="sum")
 
@@ -252,8 +265,24 @@ class StreamingPerplexity:
         text = self._text if self._text is not None else default_text()
         return token_segments(tokenizer, text, self.length, self.segments, self.source)
 
+    def check_context(self, context: int | None, cache_spec: Any = None) -> None:
+        """Refuse ``task.length`` beyond the model's context (``llamahome.eval``: before loading).
+
+        With ``cache.position_rolling`` the model sees positions up to the cache's budget only
+        (kept keys are re-rotated to their slot rank), so a text longer than the context can be
+        scored as StreamingLLM does; the prefill and the budget are what must fit then.
+        """
+        positions = positions_seen(self.length, self.prefix, cache_spec)
+        rolled = " (the cache budget, positions rolled)" if positions < self.length else ""
+        check_length(
+            f"task.length={self.length}{rolled}", positions, context,
+            hint=f"lower task.length to at most {context}, or (cache=window, sink or h2o) set "
+            "cache.position_rolling=true with a budget and task.prefix within the context",
+        )
+
     def run(self, model: Any, tokenizer: Any, cache_spec: Any) -> Outcome:
         """Score the text with a fresh cache of `cache_spec`."""
+        self.check_context(context_length(model.config), cache_spec)
         ids = self.input_ids(tokenizer)
         prefix = min(self.prefix, ids.shape[1] - 1)
         outcome = streaming_perplexity(model, ids, cache_spec, prefix, self.show_progress)

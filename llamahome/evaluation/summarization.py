@@ -22,6 +22,8 @@ from llamahome.evaluation.base import (
     positive_int,
     progress,
 )
+from llamahome.model.context import check_length, context_length
+from llamahome.model.generation import format_prompts
 
 # The shipped fixture: short original news-style articles with one-sentence summaries.
 DEFAULT_FILE = Path(__file__).with_name("resources") / "summaries.jsonl"
@@ -40,7 +42,7 @@ def load_records(
         summary_key: The field holding the reference summary.
 
     Returns:
-        ``[{"document": ..., "summary": ...}, ...]`` in file order.
+        ``[{"document": ..., "summary": ..., "line": n}, ...]`` in file order.
 
     Raises:
         DataError: The file is missing or has no records, or a line is not JSON, not an object,
@@ -49,29 +51,38 @@ def load_records(
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"task.data_file={str(path)!r} does not exist (or is not a file).")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): U+2028 is JSON
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}: not UTF-8 text (byte {err.start}); save the JSON lines as UTF-8."
+        ) from err
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror or err}).") from err
     records = []
-    with path.open(encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg}).") from err
-            if not isinstance(record, dict):
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not valid JSON ({err.msg}).") from err
+        if not isinstance(record, dict):
+            raise DataError(
+                f"{where}: expected a JSON object with {document_key!r} and {summary_key!r}."
+            )
+        for key in (document_key, summary_key):
+            value = record.get(key)
+            if not isinstance(value, str) or not value.strip():
+                present = ", ".join(sorted(record)) or "none"
                 raise DataError(
-                    f"{where}: expected a JSON object with {document_key!r} and {summary_key!r}."
+                    f"{where}: missing or empty {key!r} (fields present: {present}); each line "
+                    f"needs {document_key!r} and {summary_key!r} strings."
                 )
-            for key in (document_key, summary_key):
-                value = record.get(key)
-                if not isinstance(value, str) or not value.strip():
-                    present = ", ".join(sorted(record)) or "none"
-                    raise DataError(
-                        f"{where}: missing or empty {key!r} (fields present: {present}); each line "
-                        f"needs {document_key!r} and {summary_key!r} strings."
-                    )
-            records.append({"document": record[document_key], "summary": record[summary_key]})
+        records.append(
+            {"document": record[document_key], "summary": record[summary_key], "line": number}
+        )
     if not records:
         raise DataError(
             f"{path}: no records; give JSON lines with {document_key!r} and {summary_key!r}."
@@ -143,8 +154,28 @@ class Summarization:
         if max_samples is not None:
             self.records = self.records[: positive_int("task.max_samples", max_samples)]
 
+    def check_context(self, context: int | None, cache_spec: Any = None) -> None:
+        """Nothing to check before loading: document lengths need the tokenizer (see ``run``)."""
+
+    def check_documents(self, tokenizer: Any, context: int | None) -> None:
+        """Refuse a document whose prompt plus summary would not fit the model's context."""
+        if context is None:
+            return
+        prompts = format_prompts(
+            tokenizer, [self.prompt.format(document=r["document"]) for r in self.records],
+            chat=self.chat,
+        )
+        for record, prompt in zip(self.records, prompts, strict=True):
+            tokens = len(tokenizer(prompt, add_special_tokens=not self.chat)["input_ids"])
+            check_length(
+                f"task.data_file={self.data_file} line {record['line']}", tokens, context,
+                self.max_new_tokens, "the summary (task.max_new_tokens)",
+                hint="shorten the document, or use a model with a longer context",
+            )
+
     def run(self, model: Any, tokenizer: Any, cache_spec: Any) -> Outcome:
         """Summarise every record with a fresh cache per batch; mean ROUGE F1."""
+        self.check_documents(tokenizer, context_length(model.config))
         meter, watch = KVMeter(), Stopwatch()
         predictions: list[str] = []
         tokens = 0

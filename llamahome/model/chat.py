@@ -23,6 +23,7 @@ from transformers import DynamicCache, TextStreamer
 
 from llamahome.errors import CacheError, ConfigError
 from llamahome.kvcache.spec import POLICIES, CacheSpec, full_kv_bytes, kv_bytes
+from llamahome.model.context import check_length, context_length
 from llamahome.model.generation import cache_kwarg
 
 # For tokenizers without a chat template (the local BPE of model=tiny): a plain transcript.
@@ -50,6 +51,8 @@ class TurnStats:
         kv_tokens: Tokens the cache holds (per layer).
         seen_tokens: Tokens the cache has seen (what a full cache holds).
         policy: The cache policy.
+        dropped_turns: Oldest user + assistant turns dropped this turn to fit the context.
+        context: The model's context in tokens (0 when unknown).
     """
 
     new_tokens: int
@@ -63,6 +66,8 @@ class TurnStats:
     kv_tokens: int
     seen_tokens: int
     policy: str
+    dropped_turns: int = 0
+    context: int = 0
 
     @property
     def tok_s(self) -> float:
@@ -77,11 +82,18 @@ class TurnStats:
             if self.reused
             else f"prefilled {self.prefilled} tokens ({self.note or 'new cache'})"
         )
+        dropped = ""
+        if self.dropped_turns:
+            turns = "turn" if self.dropped_turns == 1 else "turns"
+            dropped = (
+                f" | dropped the {self.dropped_turns} oldest {turns} to fit the "
+                f"{self.context}-token context"
+            )
         return (
             f"[chat] {self.new_tokens} tokens, {self.tok_s:.1f} tok/s | KV "
             f"{self.kv_bytes / 2**20:.2f} MiB held vs {self.full_kv_bytes / 2**20:.2f} MiB "
             f"full{share}, {self.kv_tokens} of {self.seen_tokens} tokens | "
-            f"cache={self.policy} | {reuse}"
+            f"cache={self.policy} | {reuse}{dropped}"
         )
 
 
@@ -168,7 +180,7 @@ class ChatSession:
         self.max_new_tokens = int(self.generate_kwargs.get("max_new_tokens", 256))
         self.system_prompt = system_prompt
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
-        self.context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        self.context = context_length(model.config) or 0
         self.messages: list[dict[str, str]] = []
         self._cache: Any = None
         self._cached_ids: list[int] = []  # the tokens the cache has seen, in order
@@ -204,7 +216,7 @@ class ChatSession:
             ConfigError: The message alone does not fit the model's context.
         """
         self.messages.append({"role": "user", "content": text})
-        ids = self._fit_context()
+        ids, dropped = self._fit_context()
         reused, note = self._prepare_cache(ids)
         streamer = _CallbackStreamer(self.tokenizer, on_text) if on_text else None
         kwargs = dict(self.generate_kwargs)
@@ -246,6 +258,8 @@ class ChatSession:
             kv_tokens=int(layer.keys.shape[-2]) if layer.keys is not None else 0,
             seen_tokens=int(self._cache.get_seq_length()),
             policy=self.cache_spec.policy,
+            dropped_turns=dropped,
+            context=self.context,
         )
         return answer, stats
 
@@ -262,25 +276,35 @@ class ChatSession:
         )["input_ids"]
         return list(ids[0] if ids and isinstance(ids[0], list) else ids)
 
-    def _fit_context(self) -> list[int]:
-        """Render the history; drop the oldest turns while it does not fit the context."""
+    def _fit_context(self) -> tuple[list[int], int]:
+        """Render the history; drop the oldest turns while it does not fit the context.
+
+        Returns:
+            The token ids, and how many user + assistant turns were dropped.
+        """
         ids = self.render()
         if not self.context:
-            return ids
+            return ids, 0
         limit = self.context - self.max_new_tokens
-        first = 1 if self.messages and self.messages[0]["role"] == "system" else 0
-        while len(ids) > limit and len(self.messages) - first > 1:
-            del self.messages[first : first + 2]  # the oldest user + assistant pair
-            self._why_new = "oldest turns dropped to fit the context"
-            ids = self.render()
-        if len(ids) > limit:
-            self.messages.pop()
-            raise ConfigError(
-                f"the message is {len(ids)} tokens with the chat template, but the model's "
-                f"context is {self.context} tokens and {self.max_new_tokens} are kept for the "
-                "answer (max_new_tokens): send a shorter message."
+        kept = list(self.messages)  # the history changes only if the new message fits
+        first = 1 if kept and kept[0]["role"] == "system" else 0
+        dropped = 0
+        while len(ids) > limit and len(kept) - first > 1:
+            del kept[first : first + 2]  # the oldest user + assistant pair
+            dropped += 1
+            ids = self.render(kept)
+        try:
+            check_length(
+                "the message (with the chat template)", len(ids), self.context,
+                self.max_new_tokens, "the answer (max_new_tokens)", hint="send a shorter message",
             )
-        return ids
+        except ConfigError:
+            self.messages.pop()
+            raise
+        if dropped:
+            self.messages = kept
+            self._why_new = "oldest turns dropped to fit the context"
+        return ids, dropped
 
     def _prepare_cache(self, ids: list[int]) -> tuple[int, str]:
         """Reuse the cache when it holds a prefix of ``ids``; else start a new one.

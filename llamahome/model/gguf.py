@@ -6,15 +6,26 @@ model so that plain transformers can load what we save, for the converted copy a
 
 from __future__ import annotations
 
+import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 from llamahome.errors import ModelError
+from llamahome.model.files import check_config, check_weights
 from llamahome.model.hub import hub_kwargs, load_with_clear_error
 
 PACKAGE_SCHEME = "pkg://"
 
-__all__ = ["PACKAGE_SCHEME", "content_key", "converted_gguf_dir", "make_portable"]
+__all__ = [
+    "PACKAGE_SCHEME",
+    "content_key",
+    "converted_gguf_dir",
+    "converted_path",
+    "make_portable",
+]
+
+log = logging.getLogger(__name__)
 
 
 def converted_gguf_dir(where: str, spec: Any) -> str:
@@ -27,25 +38,31 @@ def converted_gguf_dir(where: str, spec: Any) -> str:
     directory is written under a temporary name and renamed, so a killed conversion never leaves
     a half-written model behind.
     """
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llamahome.utils.paths import atomic_dir, cache_root
+    from llamahome.utils.paths import atomic_dir
 
     gguf = Path(where) / spec.gguf_file
     if not gguf.is_file():
         raise ModelError(f"{spec.name}: GGUF file {gguf} does not exist (model.gguf_file).")
-    key = f"{gguf.stem}-{content_key(gguf, spec)}-tf{transformers.__version__}"
-    target = cache_root() / "converted" / key
+    target = converted_path(where, spec)
+    assert target is not None  # the GGUF file exists
     if (target / "config.json").is_file():
-        return str(target)
+        try:
+            check_config(target)
+            check_weights(target)
+            return str(target)
+        except ModelError as err:
+            # Our own cache, damaged (a disk error, a copy cut short): convert it again.
+            log.warning("The converted copy in %s is damaged (%s); converting again.", target, err)
+            shutil.rmtree(target, ignore_errors=True)
     model = load_with_clear_error(
         AutoModelForCausalLM.from_pretrained, where, spec, "weights", gguf_file=spec.gguf_file,
-        **hub_kwargs(spec),
+        file=gguf, **hub_kwargs(spec),
     )
     tokenizer = load_with_clear_error(
         AutoTokenizer.from_pretrained, where, spec, "tokenizer", gguf_file=spec.gguf_file,
-        **hub_kwargs(spec),
+        file=gguf, **hub_kwargs(spec),
     )
     make_portable(model)
 
@@ -55,6 +72,19 @@ def converted_gguf_dir(where: str, spec: Any) -> str:
 
     # Another process converting at once is fine: the first rename wins, the others are dropped.
     return str(atomic_dir(target, save))
+
+
+def converted_path(where: str, spec: Any) -> Path | None:
+    """Where the converted copy of the spec's GGUF file lives (or would), ``None`` without one."""
+    import transformers
+
+    from llamahome.utils.paths import cache_root
+
+    gguf = Path(where) / spec.gguf_file
+    if not gguf.is_file():
+        return None
+    key = f"{gguf.stem}-{content_key(gguf, spec)}-tf{transformers.__version__}"
+    return cache_root() / "converted" / key
 
 
 def content_key(gguf: Path, spec: Any) -> str:

@@ -33,8 +33,22 @@ def hub_kwargs(spec: Any) -> dict[str, Any]:
     return kwargs
 
 
-def load_with_clear_error(loader: Any, where: str, spec: Any, what: str, **kwargs: Any) -> Any:
-    """Call a ``from_pretrained`` loader; turn every failure into one ModelError line."""
+def load_with_clear_error(
+    loader: Any, where: str, spec: Any, what: str, file: Path | None = None, **kwargs: Any
+) -> Any:
+    """Call a ``from_pretrained`` loader; turn every failure into one ModelError line.
+
+    Args:
+        loader: ``AutoModelForCausalLM.from_pretrained``, ``AutoTokenizer.from_pretrained``...
+        where: A local directory or a hub id.
+        spec: The ``ModelSpec`` (its name goes into the message).
+        what: ``weights`` or ``tokenizer``, for the message.
+        file: The file being read when it is one file (a GGUF), named in the message.
+        **kwargs: Passed to ``loader``.
+
+    Raises:
+        ModelError: Anything failed; a local directory's failure names it (and ``file``).
+    """
     is_local = Path(where).exists()
     if not is_local and looks_like_path(where):
         raise ModelError(
@@ -51,13 +65,17 @@ def load_with_clear_error(loader: Any, where: str, spec: Any, what: str, **kwarg
             raise ModelError(not_found_message(spec, where, what, offline=True))
     try:
         return loader(where, **kwargs)
-    except (OSError, ValueError, RuntimeError) as err:
+    except Exception as err:  # noqa: BLE001 - a damaged local file fails in any library type
         if is_local:
+            source = f"{file}" if file is not None else f"{where!r}"
             raise ModelError(
-                f"{spec.name}: could not load {what} from {where!r}: {first_line(err)}. "
-                "The directory needs config.json plus model.safetensors (or the GGUF file named "
-                "by model.gguf_file) and tokenizer files."
+                f"{spec.name}: could not load {what} from {source}: {type(err).__name__}: "
+                f"{first_line(err)}. The directory needs config.json plus model.safetensors (or "
+                "the GGUF file named by model.gguf_file) and tokenizer files; a damaged file is "
+                "restored by downloading or exporting the model again."
             ) from err
+        if not isinstance(err, OSError | ValueError | RuntimeError):
+            raise  # not a hub answer: a bug, keep its traceback
         raise ModelError(not_found_message(spec, where, what, offline=False, err=err)) from err
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llamahome.errors import ConfigError, ModelError
+from llamahome.model.files import check_json_files, check_weights, read_config
 from llamahome.model.gguf import PACKAGE_SCHEME, converted_gguf_dir
 from llamahome.model.hub import hub_kwargs, load_with_clear_error
 from llamahome.utils.paths import CONF_DIR, model_name
@@ -228,12 +229,27 @@ def load_model(
     return model, tokenizer
 
 
+def check_local_files(spec: ModelSpec) -> None:
+    """Check a local model directory's config.json and JSON files, each failure naming its file.
+
+    Raises:
+        ModelError: A damaged, truncated or invalid config.json, tokenizer or generation file.
+    """
+    if spec.pretrained is None or spec.pretrained.startswith(PACKAGE_SCHEME):
+        return
+    where = local_model_dir(resolve_location(spec.pretrained, spec))
+    if is_hf_dir(where):
+        read_config(Path(where), **hub_kwargs(spec))
+        check_json_files(Path(where))
+
+
 def load_tokenizer(spec: ModelSpec):
     """Load the tokenizer the spec names (local BPE, GGUF, local dir or hub id).
 
     A local model directory that carries its own tokenizer (a run's export does) is loaded with
     it, even when the spec says ``bpe``: ``model=tiny model.pretrained=<run>/export``.
     """
+    check_local_files(spec)  # a damaged config.json or tokenizer file: named, before loading
     if spec.tokenizer == "bpe" and spec.pretrained and not spec.pretrained.startswith(
         PACKAGE_SCHEME
     ):
@@ -284,7 +300,10 @@ def build_or_load_model(spec: ModelSpec, tokenizer=None, quantization: Any = Non
         torch.manual_seed(0)  # the same random init every time, so runs are comparable
         model = LlamaForCausalLM(config)
         return model.to(torch.float32 if dtype == "auto" else dtype)
+    check_local_files(spec)
     where = weights_location(spec)
+    if Path(where).is_dir():  # every shard present, every header whole: named if not
+        check_weights(Path(where))
     kwargs = {**hub_kwargs(spec), "dtype": dtype, "attn_implementation": base_attn}
     if quantization is not None:
         device = {"": torch.cuda.current_device()}
@@ -308,53 +327,6 @@ def weights_location(spec: ModelSpec) -> str:
         raise ModelError(
             f"{where} has no config.json, so it is not a Hugging Face model directory: give a "
             "directory with config.json + weights + tokenizer, a train run, or its export/."
-        )
-    return where
-
-
-# What from_pretrained can load weights from (sharded safetensors have an index file).
-_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.gguf")
-
-
-def check_model_dir(path: str | Path) -> Path:
-    """Check that `path` is a Hugging Face model directory with weights, before loading it.
-
-    A training run directory is accepted too: its ``export/`` is used.
-
-    Args:
-        path: ``model_path=`` (or a local ``model.pretrained=``).
-
-    Returns:
-        The directory to load.
-
-    Raises:
-        ModelError: The directory is missing, is a file, has no config.json, or has no weights
-            (names the directory and what to point at instead).
-    """
-    where = Path(path).expanduser()
-    if not where.exists():
-        raise ModelError(f"model_path={str(path)!r} does not exist.")
-    if not where.is_dir():
-        raise ModelError(
-            f"model_path={str(path)!r} is a file: give the directory of a Hugging Face export "
-            "(config.json + model.safetensors + tokenizer), e.g. <train run dir>/export."
-        )
-    if not (where / "config.json").is_file() and (where / "export" / "config.json").is_file():
-        pass  # a training run: load its export/
-        where = where / "export"
-    if not (where / "config.json").is_file():
-        hint = "the train command writes one to <run dir>/export"
-        if (where / "adapter_config.json").is_file():
-            hint = f"this is a PEFT adapter; evaluate the merged export in {where.parent}"
-        elif any(where.glob("*.ckpt")) or (where / "checkpoints").is_dir():
-            hint = "this holds Lightning checkpoints; evaluate the run's export/ directory"
-        raise ModelError(
-            f"{where}: no config.json, so not a Hugging Face model directory ({hint})."
-        )
-    if not any(next(where.glob(p), None) for p in _WEIGHT_PATTERNS):
-        raise ModelError(
-            f"{where}: config.json but no weights (model.safetensors or pytorch_model.bin): the "
-            "export is incomplete; re-run the export or point model_path at a complete one."
         )
     return where
 

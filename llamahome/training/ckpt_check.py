@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,7 +50,11 @@ def load_checkpoint_safely(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{where}: the file is empty (0 bytes): an interrupted copy?")
     try:
         mmap = zipfile.is_zipfile(file)
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():
+            # On a damaged file torch also warns about odd pickle protocols ("please file an
+            # issue"): noise next to the one line that says what is wrong.
+            warnings.simplefilter("ignore")
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         # torch's message advises weights_only=False, which would run the file's code: never
         # repeat it. Keep only the unpickler's own reason.
@@ -64,16 +69,28 @@ def load_checkpoint_safely(path: str | Path) -> dict[str, Any]:
             f"({found[:160]}); it is not a LlamaHome/Lightning checkpoint. Resume only from "
             "checkpoints this project wrote"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+    except Exception as err:  # noqa: BLE001 - any failure to read a user's file is one line
+        # A damaged file reaches torch's unpickler in arbitrary states: besides the errors above
+        # it raises IndexError, KeyError, UnicodeDecodeError, struct.error, MemoryError... (about
+        # 9% of random byte strings). Whatever it is, the user gets one line naming the file.
         if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM):
             raise ConfigError(f"{where}: cannot be read: {err.strerror}") from None
-        kind = "truncated" if zipfile.is_zipfile(file) or _looks_like_zip(file) else "not a"
         what = (
             "is truncated or damaged (an interrupted copy?)"
-            if kind == "truncated"
+            if _looks_like_zip(file)
             else "is not a PyTorch checkpoint (not a zip archive from torch.save)"
         )
-        raise ConfigError(f"{where}: {what}, {size} bytes: {_first_line(err)[:120]}") from None
+        raise ConfigError(f"{where}: {what}, {size} bytes: {_reason(err)}") from None
+    _check_layout(state, where)
+    return dict(state)
+
+
+def _check_layout(state: Any, where: str) -> None:
+    """A Lightning checkpoint: a dict with an int ``global_step`` and a ``state_dict`` of tensors.
+
+    A file can unpickle cleanly and still hold something else (plain weights, a damaged dict):
+    say what it holds instead of failing later on a missing key or a non-tensor.
+    """
     if not isinstance(state, Mapping) or not all(k in state for k in _LIGHTNING_KEYS):
         held = (
             f"a dict with keys {sorted(map(str, state))[:6]}"
@@ -85,17 +102,45 @@ def load_checkpoint_safely(path: str | Path) -> dict[str, Any]:
             "'global_step', as in <run dir>/checkpoints/*.ckpt). Plain weights go to "
             "model.pretrained instead"
         )
-    return dict(state)
+    tensors = state["state_dict"]
+    bad = (
+        "state_dict is not a dict"
+        if not isinstance(tensors, Mapping)
+        else next(
+            (
+                f"state_dict[{str(k)[:60]!r}] is a {type(v).__name__}, not a tensor"
+                for k, v in tensors.items()
+                if not isinstance(k, str) or not isinstance(v, torch.Tensor)
+            ),
+            None,
+        )
+    )
+    step = state["global_step"]
+    if bad is None and (isinstance(step, bool) or not isinstance(step, int)):
+        bad = f"global_step is {step!r:.40}, not an integer"
+    if bad is not None:
+        raise ConfigError(
+            f"{where}: is damaged or not written by Lightning ({bad}); resume from a "
+            "checkpoint this project wrote (<run dir>/checkpoints/last.ckpt)"
+        )
 
 
 def _looks_like_zip(file: Path) -> bool:
-    with open(file, "rb") as handle:
-        return handle.read(4) == b"PK\x03\x04"
+    try:
+        with open(file, "rb") as handle:
+            return handle.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
 
 
-def _first_line(err: BaseException) -> str:
+def _reason(err: BaseException) -> str:
+    """The first line of ``err`` with its type, without torch's advice to unpickle unsafely."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
+    text = lines[0] if lines else ""
+    for advice in ("weights_only", "Please", "please"):
+        text = text.split(advice)[0]
+    text = text.strip(" .;:(")
+    return f"{type(err).__name__}: {text}"[:120] if text else type(err).__name__
 
 
 def check_checkpoint(path: str | Path, expected: Mapping[str, torch.Tensor], run: str) -> int:

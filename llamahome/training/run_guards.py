@@ -6,11 +6,14 @@
   ``trainer.limit_val_batches=0``) means no validation, so ``validate_before_fit`` and the
   val-based ``ModelCheckpoint`` turn themselves off; ``last.ckpt`` is then written every
   ``trainer.val_check_interval`` training steps instead, so resume keeps working.
+- :func:`check_sequence_length`: ``data.max_seq_length`` beyond the model's context would train
+  on positions the model cannot use; refused before the model loads.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -77,3 +80,20 @@ def adapt_to_missing_validation(cfg: DictConfig) -> bool:
             ckpt.every_n_train_steps = every
             ckpt.save_on_train_epoch_end = every is None
     return False
+
+
+def check_sequence_length(cfg: DictConfig, model_spec: Any) -> None:
+    """Refuse ``data.max_seq_length`` beyond the model's context (read from its config alone).
+
+    Raises:
+        ConfigError: The sequence length exceeds ``max_position_embeddings`` (names both).
+    """
+    from llamahome.model.context import check_length, model_context
+
+    length = OmegaConf.select(cfg, "data.max_seq_length")
+    if isinstance(length, int) and not isinstance(length, bool):
+        check_length(
+            f"data.max_seq_length={length}", length, model_context(model_spec),
+            hint="lower data.max_seq_length, or raise model.config.max_position_embeddings "
+            "for a model trained from scratch",
+        )

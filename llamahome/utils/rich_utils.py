@@ -19,12 +19,15 @@ FIRST_GROUPS = (
 )
 
 
-def print_config_tree(cfg: DictConfig, save_to: str | Path | None = None) -> None:
+def print_config_tree(
+    cfg: DictConfig, save_to: str | Path | None = None, echo: bool = True
+) -> None:
     """Print the resolved config as a tree, one branch per group; optionally save it as text.
 
     Args:
         cfg: The composed Hydra config.
         save_to: A file to also write the tree to (e.g. ``<run dir>/config_tree.log``).
+        echo: Print it (``False``: only save it).
     """
     tree = rich.tree.Tree("CONFIG", style="bold", guide_style="dim")
     container = redact(OmegaConf.to_container(cfg, resolve=False))
@@ -36,7 +39,8 @@ def print_config_tree(cfg: DictConfig, save_to: str | Path | None = None) -> Non
         branch = tree.add(group, style="bold cyan")
         text = OmegaConf.to_yaml(value) if isinstance(value, dict | list) else str(value)
         branch.add(rich.syntax.Syntax(text, "yaml", theme="ansi_dark", word_wrap=True))
-    rich.print(tree)
+    if echo:
+        rich.print(tree)
     if save_to is not None:
         with open(save_to, "w") as file:
             rich.print(tree, file=file)
