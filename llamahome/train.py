@@ -95,9 +95,9 @@ def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dic
     check_learning_rate(cfg)
     check_seed(cfg)
     model_spec = build(cfg, "model")
-    check_sequence_length(cfg, model_spec)
     cache_spec = build(cfg, "cache")
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, shards=shards_model(cfg))
+    check_sequence_length(cfg, model_spec)  # last: a model's config may need transformers
     if cfg.get("print_config") and is_rank_zero():
         from llamahome.utils.rich_utils import print_config_tree
 
