@@ -352,6 +352,28 @@ def test_cli_bad_input_is_one_clear_line(args, code, phrase, tmp_path) -> None:
 
 
 # ------------------------------------------------------------------------------ serve
+# Bad serve settings: one error line naming the key, before the model loads.
+SERVE_CONFIG_ROWS = [
+    ("serve-kv-memory-word", ("serve.kv_memory=lots",), "serve.kv_memory='lots'"),
+    ("serve-kv-memory-zero", ("serve.kv_memory=0",), "serve.kv_memory=0"),
+    ("serve-body-limit-unit", ("serve.max_body_bytes=4 parsecs",), "serve.max_body_bytes"),
+    ("serve-prefill-chunk-0", ("serve.prefill_chunk=0",), "serve.prefill_chunk=0"),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "phrase"), [pytest.param(*r[1:], id=r[0]) for r in SERVE_CONFIG_ROWS]
+)
+def test_bad_serve_setting_is_one_clear_line(overrides, phrase, tmp_path, capsys) -> None:
+    cfg = compose("serve", ("model=tiny", "print_config=false", *overrides), tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_info, user_errors():
+        _entry("serve")(cfg)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(lines) == 1 and phrase in lines[0], err[-2000:]
+    assert "Traceback" not in err
+
+
 @pytest.fixture(scope="module")
 def serve_app(tmp_path_factory):
     """The real app (FastAPI + the engine thread) on a tiny saved model, with a bearer token."""

@@ -183,11 +183,14 @@ def create_app(engine: Engine, settings: ServeSettings) -> Any:
 
 async def _until_disconnected(http: Request) -> None:
     """Return when the client closes its connection (what ``is_disconnected`` polls for)."""
-    while True:
-        message = await http.receive()
-        if message.get("type") == "http.disconnect":
-            return
-        await asyncio.sleep(0.05)  # a server that answers with empty bodies: do not spin
+    try:
+        while True:
+            message = await http.receive()
+            if message.get("type") == "http.disconnect":
+                return
+            await asyncio.sleep(0.05)  # a server that answers with empty bodies: do not spin
+    except OSError:  # the connection broke: the client is gone all the same
+        return
 
 
 def _model_card(model_id: str) -> dict:

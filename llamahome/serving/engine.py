@@ -62,7 +62,7 @@ class Engine:
         max_batch_size: int = 32,
         max_queue: int = 64,
         kv_memory: int | None = None,
-        prefill_chunk: int = 128,
+        prefill_chunk: int = 64,
         metrics: ServeMetrics | None = None,
     ) -> None:
         """Set up (the thread starts with :meth:`start`).
@@ -266,7 +266,9 @@ class Engine:
         self.peak_decode_rows = max(self.peak_decode_rows, len(rows))
         ids = torch.tensor([[r.ids[-1]] for r in rows], device=self.device)
         positions = torch.tensor([[r.fed] for r in rows], device=self.device)
-        cache = RowsCache([r.cache for r in rows], self.model.config)
+        # One row decodes on its own cache, as it would alone; several share one forward.
+        cache = rows[0].cache if len(rows) == 1 else RowsCache([r.cache for r in rows],
+                                                               self.model.config)
         try:
             out = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True)
             logits = out.logits[:, -1, :]
@@ -280,8 +282,9 @@ class Engine:
         self._running = []
         for i, row in enumerate(rows):
             row.fed += 1
-            if i in cache.failures:
-                self._fail(row, cache.failures[i])
+            failure = getattr(cache, "failures", {}).get(i)
+            if failure is not None:
+                self._fail(row, failure)
                 continue
             try:
                 token = sample(logits[i : i + 1], [row])[0]
