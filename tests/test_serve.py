@@ -157,6 +157,18 @@ def test_per_request_cache_policy(server, client):
 
 
 @pytest.mark.parametrize(
+    "sampling",
+    [{"temperature": 5e-324}, {"temperature": 1e-320, "seed": 3},
+     {"temperature": 1.0, "top_p": 1e-320}],
+)
+def test_extreme_but_valid_sampling_is_greedy_not_a_500(server, client, sampling, caplog):
+    """Sampling limits (a subnormal temperature or top_p) are the greedy answer, not a NaN."""
+    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, **sampling)
+    assert out.choices[0].text == reference(server[1], PROMPT, 6)
+    assert not tracebacks(caplog)
+
+
+@pytest.mark.parametrize(
     ("body", "code"),
     [
         ({"kv_cache": {"policy": "lru"}}, "invalid_kv_cache"),

@@ -126,11 +126,17 @@ def sample(logits: torch.Tensor, rows: list[Row]) -> list[int]:
     for pos, row in enumerate(rows):
         if row.req.temperature <= 0:
             continue
-        probs = torch.softmax(logits[pos].cpu() / row.req.temperature, dim=-1)
+        # Shift before scaling, in float64: any temperature > 0, however small (5e-324, which
+        # float32 rounds to 0), gives the best logit 0 and the others <= 0 (-inf at worst),
+        # never 0 / 0 or inf - inf = NaN.
+        row_logits = logits[pos].cpu().double()
+        probs = torch.softmax((row_logits - row_logits.max()) / row.req.temperature, dim=-1)
         if row.req.top_p < 1:
             sorted_p, order = probs.sort(descending=True)
-            # Keep the smallest set whose mass reaches top_p (the first token always stays).
+            # Keep the smallest set whose mass reaches top_p; the first token always stays (a
+            # top_p too small for float32, such as 1e-320, compares as 0).
             drop = sorted_p.cumsum(-1) - sorted_p >= row.req.top_p
+            drop[0] = False
             sorted_p[drop] = 0
             probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
         out[pos] = int(torch.multinomial(probs, 1, generator=row.generator)[0])
