@@ -5,9 +5,10 @@
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \
         -d '{"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}'
 
-FastAPI + uvicorn in front, one engine thread owning the model behind (llamahome/serving/).
-Binds 127.0.0.1 unless told otherwise; ``serve.api_key`` (or ``LLAMAHOME_API_KEY``) turns on
-bearer-token auth. The key is never printed or logged.
+FastAPI + uvicorn in front, one engine thread owning the model behind (llamahome/serving/):
+continuous batching, one KV cache per request, admission by KV memory (``serve.kv_memory``),
+Prometheus metrics on ``/metrics``. Binds 127.0.0.1 unless told otherwise; ``serve.api_key``
+(or ``LLAMAHOME_API_KEY``) turns on bearer-token auth. The key is never printed or logged.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ def check_serve(cfg: DictConfig) -> dict[str, Any]:
     Raises:
         ConfigError: Naming the first bad ``serve.<key>``.
     """
+    from llamahome.serving.memory import parse_bytes
+
     serve = dict(cfg.serve)
-    for key, low in (("port", 0), ("max_batch_size", 1), ("max_queue", 1), ("max_new_tokens", 1)):
+    integers = ("port", "max_batch_size", "max_queue", "max_new_tokens", "prefill_chunk")
+    for key, low in zip(integers, (0, 1, 1, 1, 1), strict=True):
         value = serve.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"serve.{key}={value!r} must be an integer >= {low}")
@@ -46,6 +50,9 @@ def check_serve(cfg: DictConfig) -> dict[str, Any]:
     if not 0 < float(serve.get("top_p", 1.0)) <= 1:
         raise ConfigError(f"serve.top_p={serve['top_p']!r} must be in (0, 1]")
     serve["api_key"] = serve.get("api_key") or os.environ.get("LLAMAHOME_API_KEY") or None
+    serve["max_body_bytes"] = parse_bytes(serve.get("max_body_bytes"), "serve.max_body_bytes")
+    if serve.get("kv_memory") is not None:
+        serve["kv_memory"] = parse_bytes(serve["kv_memory"], "serve.kv_memory")
     return serve
 
 
@@ -64,7 +71,7 @@ def build_server(cfg: DictConfig):
     engine = Engine(
         model, tokenizer, lambda spec, seq_len: build_cache(spec, model.config, seq_len),
         max_batch_size=serve["max_batch_size"], max_queue=serve["max_queue"],
-        batch_window_s=float(serve.get("batch_window_ms", 10)) / 1000,
+        kv_memory=serve.get("kv_memory"), prefill_chunk=serve["prefill_chunk"],
     )
     name = serve.get("model_name") or model_spec.name
     settings = ServeSettings(
@@ -76,6 +83,7 @@ def build_server(cfg: DictConfig):
         temperature=float(serve["temperature"]),
         top_p=float(serve["top_p"]),
         api_key=serve["api_key"],
+        max_body_bytes=serve["max_body_bytes"],
     )
     engine.start()
     return create_app(engine, settings), engine, serve
@@ -92,8 +100,9 @@ def serve(cfg: DictConfig) -> None:
     auth = "bearer token required" if serve_cfg["api_key"] else "no auth"
     print(
         f"[serve] http://{serve_cfg['host']}:{serve_cfg['port']}/v1 | model "
-        f"{app.state.settings.model_ids[0]} | "
-        f"cache={cfg.cache.policy} | batch<={serve_cfg['max_batch_size']} | {auth}",
+        f"{app.state.settings.model_ids[0]} | cache={cfg.cache.policy} | "
+        f"KV pool {engine.pool.pool / 2**30:.2f} GiB | batch<={serve_cfg['max_batch_size']} | "
+        f"{auth}",
         flush=True,
     )
     import uvicorn

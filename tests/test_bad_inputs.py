@@ -264,6 +264,64 @@ SERVE_ROWS: list[tuple[str, str, str, dict | bytes, int, str]] = [
     ("serve-wrong-key", "GET", "/v1/models", {}, 401, "API key"),
 ]
 
+# One bad field never harms anyone (issue #17): strict types as the OpenAI API's, int64 seeds,
+# valid Unicode, bounded bodies. Each row: (id, method, path, JSON body or raw bytes or a list of
+# byte chunks (sent chunked, without Content-Length), HTTP status, OpenAI error `code`, phrase).
+_CHAT, _COMPLETE = "/v1/chat/completions", "/v1/completions"
+_C = {"model": "tiny", "messages": _HI, "max_tokens": 2}
+_P = {"model": "tiny", "prompt": "Hi", "max_tokens": 2}
+_RAW_CHAT = b'{"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": %s}]%s}'
+SERVE_STRICT_ROWS: list[tuple[str, str, dict | bytes | list, int, str, str]] = [
+    ("serve-stream-yes", _CHAT, {**_C, "stream": "yes"}, 400, "invalid_type", "stream"),
+    ("serve-temperature-string", _CHAT, {**_C, "temperature": "0.5"}, 400, "invalid_type",
+     "temperature"),
+    ("serve-max-tokens-float", _COMPLETE, {**_P, "max_tokens": 1.5}, 400, "invalid_type",
+     "max_tokens"),
+    ("serve-max-tokens-bool", _COMPLETE, {**_P, "max_tokens": True}, 400, "invalid_type",
+     "max_tokens"),
+    ("serve-n-string", _CHAT, {**_C, "n": "1"}, 400, "invalid_type", "'n'"),
+    ("serve-seed-past-int64", _CHAT, {**_C, "seed": 2**64}, 400, "invalid_value", "seed"),
+    ("serve-seed-below-int64", _COMPLETE, {**_P, "seed": -(2**63) - 1}, 400, "invalid_value",
+     "seed"),
+    ("serve-seed-float", _COMPLETE, {**_P, "seed": 7.0}, 400, "invalid_type", "seed"),
+    ("serve-top-p-nan", _CHAT, _RAW_CHAT % (b'"Hi"', b', "top_p": NaN'), 400, "invalid_value",
+     "top_p"),
+    ("serve-temperature-infinite", _CHAT, _RAW_CHAT % (b'"Hi"', b', "temperature": 1e999'), 400,
+     "invalid_value", "temperature"),
+    ("serve-surrogate-content", _CHAT, _RAW_CHAT % (b'"a\\ud800b"', b""), 400, "invalid_value",
+     "messages.0.content"),
+    ("serve-surrogate-text-part", _CHAT,
+     _RAW_CHAT % (b'[{"type": "text", "text": "\\udfff"}]', b""), 400, "invalid_value",
+     "surrogate"),
+    ("serve-surrogate-prompt", _COMPLETE,
+     b'{"model": "tiny", "prompt": "x\\ud800", "max_tokens": 2}', 400, "invalid_value", "prompt"),
+    ("serve-surrogate-stop", _COMPLETE,
+     b'{"model": "tiny", "prompt": "x", "stop": ["\\ud800"]}', 400, "invalid_value", "stop"),
+    ("serve-surrogate-model", _COMPLETE, b'{"model": "tiny\\ud800", "prompt": "x"}', 400,
+     "invalid_value", "model"),
+    ("serve-image-part", _CHAT,
+     {**_C, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     400, "invalid_value", "text parts"),
+    ("serve-unknown-role", _CHAT, {**_C, "messages": [{"role": "robot", "content": "Hi"}]}, 400,
+     "invalid_value", "role"),
+    ("serve-echo-string", _COMPLETE, {**_P, "echo": "true"}, 400, "invalid_type", "echo"),
+    ("serve-stream-options-string", _CHAT,
+     {**_C, "stream": True, "stream_options": {"include_usage": "yes"}}, 400, "invalid_type",
+     "include_usage"),
+    ("serve-kv-min-tokens-string", _CHAT, {**_C, "kv_cache": {"policy": "h2o", "min_tokens": "0"}},
+     400, "invalid_type", "min_tokens"),
+    ("serve-kv-policy-number", _CHAT, {**_C, "kv_cache": {"policy": 5}}, 400, "invalid_type",
+     "policy"),
+    ("serve-logit-bias-string", _CHAT, {**_C, "logit_bias": {"5": "high"}}, 400, "invalid_type",
+     "logit_bias"),
+    ("serve-prompt-token-ids", _COMPLETE, {**_P, "prompt": [1, 2, 3]}, 400, "invalid_type",
+     "prompt"),
+    ("serve-body-too-large", _CHAT, b'{"model": "tiny", "messages": [' + b" " * 70_000 + b"]}",
+     413, "request_too_large", "max_body_bytes"),
+    ("serve-body-too-large-chunked", _CHAT, [b'{"model": "tiny", "x": "'] + [b"y" * 8192] * 10,
+     413, "request_too_large", "max_body_bytes"),
+]
+
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
@@ -455,6 +513,28 @@ def test_cli_bad_input_is_one_clear_line(args, code, phrase, tmp_path) -> None:
 
 
 # ------------------------------------------------------------------------------ serve
+# Bad serve settings: one error line naming the key, before the model loads.
+SERVE_CONFIG_ROWS = [
+    ("serve-kv-memory-word", ("serve.kv_memory=lots",), "serve.kv_memory='lots'"),
+    ("serve-kv-memory-zero", ("serve.kv_memory=0",), "serve.kv_memory=0"),
+    ("serve-body-limit-unit", ("serve.max_body_bytes=4 parsecs",), "serve.max_body_bytes"),
+    ("serve-prefill-chunk-0", ("serve.prefill_chunk=0",), "serve.prefill_chunk=0"),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "phrase"), [pytest.param(*r[1:], id=r[0]) for r in SERVE_CONFIG_ROWS]
+)
+def test_bad_serve_setting_is_one_clear_line(overrides, phrase, tmp_path, capsys) -> None:
+    cfg = compose("serve", ("model=tiny", "print_config=false", *overrides), tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_info, user_errors():
+        _entry("serve")(cfg)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(lines) == 1 and phrase in lines[0], err[-2000:]
+    assert "Traceback" not in err
+
+
 @pytest.fixture(scope="module")
 def serve_app(tmp_path_factory):
     """The real app (FastAPI + the engine thread) on a tiny saved model, with a bearer token."""
@@ -470,7 +550,8 @@ def serve_app(tmp_path_factory):
     tokenizer.save_pretrained(model_dir)
     overrides = [
         *model_argument(["serve", f"model={model_dir}"])[1:], "serve.model_name=tiny",
-        "print_config=false", "serve.api_key=sk-catalogue",
+        "print_config=false", "serve.api_key=sk-catalogue", "serve.max_body_bytes=64KiB",
+        "serve.kv_memory=64MiB",
     ]
     cfg = compose("serve", overrides, tmp_path_factory.mktemp("serve-run"))
     app, engine, _ = build_server(cfg)
@@ -792,3 +873,26 @@ def test_overwrite_true_starts_over_in_a_finished_run_dir(files, tmp_path) -> No
     history = read_run_history(run)
     assert [h["event"] for h in history] == ["start", "end", "start", "end"]
     assert history[2].get("overwrote") is True and history[3]["global_step"] == 2
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "code", "phrase"),
+    [pytest.param(*r[1:], id=r[0]) for r in SERVE_STRICT_ROWS],
+)
+def test_bad_field_is_a_4xx_and_no_traceback(serve_app, path, body, status, code, phrase,
+                                             caplog) -> None:
+    headers = {"Authorization": "Bearer sk-catalogue", "Content-Type": "application/json"}
+    if isinstance(body, list):  # no Content-Length: the limit must hold while reading
+        answer = serve_app.post(path, content=iter(body), headers=headers)
+    elif isinstance(body, bytes):
+        answer = serve_app.post(path, content=body, headers=headers)
+    else:
+        answer = serve_app.post(path, json=body, headers=headers)
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == code, error
+    assert phrase.lower() in error["message"].lower(), error
+    assert not [r for r in caplog.records if r.exc_info], "a client's mistake logged a traceback"
+    # The server survives every row: a good request still gets an answer.
+    ok = serve_app.post(_COMPLETE, json={**_P, "temperature": 0}, headers=headers)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1

@@ -1,111 +1,59 @@
 """``python -m llamahome.serve``: a real uvicorn server on a free port, called with the official
 ``openai`` client (and raw HTTP for what the client cannot send): answers equal a greedy
-``model.generate`` reference, streaming, batching of concurrent requests, per-request caches,
-OpenAI-style errors, bearer auth, a full queue, and a key that never reaches the logs.
+``model.generate`` reference, streaming, per-request caches, OpenAI-style errors, bearer auth,
+and one bad request never harming another (a failing row, a dropped client, a huge body).
+Continuous batching, the KV pool, 429 and ``/metrics`` are in ``test_serve_batching.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-import torch
-from conftest import REPO, compose
-
-KEY = "sk-test-5f1e2d"
-PROMPT = "def foo(x):\n    return"
-LONG = "import os\nimport sys\n\nclass Foo:\n    def __init__(self):\n        self.x = 1\n" * 12
+from conftest import REPO
+from serve_helpers import (
+    KEY,
+    LONG,
+    PROMPT,
+    build,
+    free_port,
+    reference,
+    running,
+    tracebacks,
+    wait_until,
+)
+from serve_helpers import save_tiny_model as _save
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A tiny LlamaForCausalLM with its tokenizer, saved as a user's HF directory would be."""
-    from llamahome import load_model
-
-    path = tmp_path_factory.mktemp("tiny-hf")
-    model, tokenizer = load_model("tiny", attn_implementation="sdpa")
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.02)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def serve_overrides(model_dir) -> list[str]:
-    # model=<dir>, as a user types it (the entry point rewrites it before Hydra parses it).
-    from llamahome.utils.cli import model_argument
-
-    return [
-        *model_argument(["serve", f"model={model_dir}"])[1:], "serve.model_name=tiny",
-        "cache=full", "print_config=false", "serve.batch_window_ms=50", "serve.max_new_tokens=16",
-    ]
+    return _save(tmp_path_factory.mktemp("tiny-hf"))
 
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    """The app from ``build_server`` under uvicorn in a thread; yields (base_url, engine, app)."""
-    import uvicorn
-
-    from llamahome.serve import build_server
-
-    cfg = compose(
-        "serve", [*serve_overrides(model_dir), f"serve.api_key={KEY}"],
-        tmp_path_factory.mktemp("serve-run"),
+    """The app from ``build_server`` under uvicorn; yields (base_url, engine, app)."""
+    app, engine, _ = build(
+        model_dir, tmp_path_factory.mktemp("serve-run"), f"serve.api_key={KEY}",
+        "serve.max_body_bytes=64KiB",
     )
-    app, engine, serve_cfg = build_server(cfg)
-    # A socket bound here and handed to uvicorn: no window in which another process could take
-    # a port we picked but had not bound yet.
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield f"http://127.0.0.1:{port}", engine, app
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with running(app) as url:
+        yield url, engine, app
     engine.stop()
 
 
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=60)
-
-
-def reference(engine, text: str, max_new_tokens: int) -> str:
-    """Greedy continuation by ``model.generate`` (full cache) on the server's own model."""
-    enc = engine.tokenizer(text, return_tensors="pt")
-    with torch.no_grad():
-        out = engine.model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=engine.tokenizer.pad_token_id,
-        )
-    return engine.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def chat_text(messages) -> str:
@@ -115,7 +63,9 @@ def chat_text(messages) -> str:
 
 def test_models_list_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
-    assert httpx.get(server[0] + "/health").json()["status"] == "ok"
+    health = httpx.get(server[0] + "/health").json()
+    assert health["status"] == "ok" and {"running", "waiting", "kv_cache"} <= set(health)
+    assert health["kv_cache"]["bytes_pool"] == 256 * 2**20
 
 
 def test_completion_equals_greedy_generate(server, client):
@@ -127,6 +77,7 @@ def test_completion_equals_greedy_generate(server, client):
     assert usage.completion_tokens == 10 and usage.total_tokens == usage.prompt_tokens + 10
     kv = usage.model_extra["kv_cache"]
     assert kv["policy"] == "full" and kv["bytes_held"] == kv["bytes_full"] > 0
+    assert kv["keep_ratio"] == 1.0 and 0 < kv["bytes_held"] <= kv["bytes_reserved"]
 
 
 def test_chat_streaming_equals_non_streaming(server, client):
@@ -180,41 +131,6 @@ def test_stop_and_seed(server, client):
     assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
 
 
-def test_four_concurrent_requests_are_batched(server, client):
-    engine = server[1]
-    prompts = [PROMPT, "x = 1", "import os\nimport sys", "class Foo:\n    pass"]
-    batches, rows = engine.batches, engine.rows
-
-    def ask(prompt: str) -> str:
-        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0)
-        return out.choices[0].text
-
-    with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(ask, prompts))
-    assert answers == [reference(engine, p, 6) for p in prompts]
-    assert engine.rows - rows == 4 and engine.batches - batches < 4  # some ran together
-
-
-def test_concurrent_requests_with_different_caches_are_all_answered(server, client):
-    engine = server[1]
-    h2o = {"kv_cache": {"policy": "h2o", "budget": 0.2, "min_tokens": 0}}
-    jobs = [({}, PROMPT), (h2o, PROMPT), ({}, "x = 1"), (h2o, "x = 1")]
-    batches = engine.batches
-
-    def ask(job) -> tuple[str, str]:
-        extra, prompt = job
-        out = client.completions.create(
-            model="tiny", prompt=prompt, max_tokens=6, temperature=0, extra_body=extra
-        )
-        return out.choices[0].text, out.usage.model_extra["kv_cache"]["policy"]
-
-    with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(ask, jobs))
-    assert [policy for _, policy in answers] == ["full", "h2o", "full", "h2o"]
-    assert answers[0][0] == reference(engine, PROMPT, 6)  # full rows are exact
-    assert engine.batches - batches >= 2  # one cache object per configuration
-
-
 def test_per_request_cache_policy(server, client):
     kv_cache = {"policy": "h2o", "budget": 0.2, "min_tokens": 0}
     out = client.completions.create(
@@ -222,6 +138,7 @@ def test_per_request_cache_policy(server, client):
     )
     kv = out.usage.model_extra["kv_cache"]
     assert kv["policy"] == "h2o" and 0 < kv["bytes_held"] < kv["bytes_full"] / 2
+    assert 0.15 < kv["keep_ratio"] < 0.3 and kv["bytes_held"] <= kv["bytes_reserved"]
     full = client.completions.create(model="tiny", prompt=LONG, max_tokens=4, temperature=0)
     assert full.usage.model_extra["kv_cache"]["bytes_full"] == kv["bytes_full"]
     count = client.completions.create(
@@ -236,7 +153,19 @@ def test_per_request_cache_policy(server, client):
     )
     kv = short.usage.model_extra["kv_cache"]
     assert short.choices[0].text == reference(server[1], PROMPT, 10)
-    assert kv["policy"] == "h2o" and kv["bytes_held"] == kv["bytes_full"]
+    assert kv["policy"] == "h2o" and kv["keep_ratio"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [{"temperature": 5e-324}, {"temperature": 1e-320, "seed": 3},
+     {"temperature": 1.0, "top_p": 1e-320}],
+)
+def test_extreme_but_valid_sampling_is_greedy_not_a_500(server, client, sampling, caplog):
+    """Sampling limits (a subnormal temperature or top_p) are the greedy answer, not a NaN."""
+    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, **sampling)
+    assert out.choices[0].text == reference(server[1], PROMPT, 6)
+    assert not tracebacks(caplog)
 
 
 @pytest.mark.parametrize(
@@ -252,12 +181,14 @@ def test_per_request_cache_policy(server, client):
         ({"max_tokens": 0}, "invalid_value"),
         ({"max_tokens": 100_000}, "context_length_exceeded"),
         ({"messages": []}, "empty_messages"),
-        ({"messages": None}, "invalid_value"),
+        ({"messages": None}, "invalid_type"),
         ({"n": 2}, "invalid_value"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "invalid_value"),
+        ({"temperature": "0.5"}, "invalid_type"),
+        ({"stream": "yes"}, "invalid_type"),
     ],
 )
-def test_bad_requests_get_400(client, body, code):
+def test_bad_requests_get_400(client, body, code, caplog):
     messages = body.pop("messages", [{"role": "user", "content": "Hi"}])
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(
@@ -266,6 +197,7 @@ def test_bad_requests_get_400(client, body, code):
     error = err.value.body
     assert err.value.status_code == 400 and error["code"] == code and error["message"]
     assert error["type"] == "invalid_request_error"
+    assert not tracebacks(caplog)
 
 
 def test_long_prompt_and_unknown_model(client):
@@ -317,7 +249,52 @@ def test_engine_failure_is_a_500_and_the_server_goes_on(server, client, monkeypa
     assert out.usage.completion_tokens == 2
 
 
-def test_client_gone_mid_stream_frees_its_row(server, client):
+def test_a_row_that_fails_mid_batch_ends_alone(server, client, monkeypatch):
+    """A failure inside one row's cache during a shared decode step ends that request only."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = server[1]
+    real = engine.build_cache
+
+    def sabotage(spec, seq_len):
+        cache = real(spec, seq_len)
+        if seq_len == len(engine.tokenizer("x = 1")["input_ids"]) + 9:  # the doomed request
+            layer, original, steps = cache.layers[-1], cache.layers[-1].update, []
+
+            def update(keys, values, *args, **kwargs):
+                steps.append(keys.shape[2])
+                if len(steps) == 5:  # its 4th decode step, shared with the other request
+                    raise RuntimeError("simulated failure in one row")
+                return original(keys, values, *args, **kwargs)
+
+            layer.update = update
+        return cache
+
+    monkeypatch.setattr(engine, "build_cache", sabotage)
+
+    def ask(job):
+        prompt, max_tokens = job
+        try:
+            out = client.completions.create(
+                model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                extra_body={"ignore_eos": True},
+            )
+            return out.choices[0].text
+        except openai.InternalServerError as err:
+            return err.body["type"]
+
+    engine.peak_decode_rows = 0
+    with ThreadPoolExecutor(2) as pool:
+        with engine.hold():  # both are admitted together, so they share decode steps
+            answers = pool.map(ask, [(PROMPT, 12), ("x = 1", 9)])
+            wait_until(lambda: engine.queued == 2, "both requests queued")
+        answers = list(answers)
+    assert answers[1] == "server_error"
+    assert answers[0] == reference(engine, PROMPT, 12)
+    assert engine.peak_decode_rows == 2  # they did share decode steps
+
+
+def test_client_gone_mid_stream_frees_its_row(server, client, caplog):
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 1000, "stream": True}
     with httpx.stream(
         "POST", server[0] + "/v1/completions", json=body,
@@ -332,6 +309,46 @@ def test_client_gone_mid_stream_frees_its_row(server, client):
     out = client.completions.create(model="tiny", prompt="x = 1", max_tokens=3, temperature=0)
     assert out.choices[0].text == reference(server[1], "x = 1", 3)
     assert server[1].tokens - before < 200  # the 1000 tokens nobody reads were not generated
+    assert not tracebacks(caplog)
+
+
+def test_client_gone_without_streaming_frees_its_row(server, caplog):
+    """A non-streaming client that hangs up stops its generation (its row is dropped)."""
+    engine = server[1]
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True}
+    before = engine.tokens
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            server[0] + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5),
+            headers={"Authorization": f"Bearer {KEY}"},
+        )
+    wait_until(lambda: engine.stats["running"] == 0 and engine.queued == 0, "the row to leave")
+    assert engine.tokens - before < 2000
+    assert engine.stats["kv_cache"]["bytes_reserved"] == 0
+    assert not tracebacks(caplog)
+
+
+def test_a_huge_body_is_refused_unread_and_never_stalls_health(server, caplog):
+    """10 MB announced: 413 at once, before the body is read; /health answers meanwhile."""
+    port = int(server[0].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        request = (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {KEY}\r\nContent-Length: {10 * 2**20}\r\n\r\n"
+        )
+        sock.sendall(request.encode() + b'{"model": "tiny", "messages": [' + b" " * 65536)
+        assert httpx.get(server[0] + "/health", timeout=30).status_code == 200
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            reply += sock.recv(65536)
+        head, body = reply.split(b"\r\n\r\n", 1)
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        while len(body) < length:
+            body += sock.recv(65536)
+    assert b" 413 " in head.split(b"\r\n", 1)[0], reply[:300]
+    assert json.loads(body)["error"]["code"] == "request_too_large"
+    assert not tracebacks(caplog)
 
 
 def test_still_answers_after_errors(server, client):
@@ -341,37 +358,11 @@ def test_still_answers_after_errors(server, client):
     assert out.usage.completion_tokens >= 1
 
 
-def test_full_queue_gets_429(server):
-    """A queue of one: the second waiting request is refused at once, with Retry-After."""
-    from llamahome.serving.app import create_app
-    from llamahome.serving.engine import Engine
-
-    engine, settings = server[1], server[2].state.settings
-    idle = Engine(engine.model, engine.tokenizer, engine.build_cache, max_queue=1)  # not started
-    app = create_app(idle, settings)
-    body = {"model": "tiny", "prompt": "x", "max_tokens": 2}
-    headers = {"Authorization": f"Bearer {KEY}"}
-
-    async def run():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            first = asyncio.create_task(http.post("/v1/completions", json=body, headers=headers))
-            while idle.queued < 1:
-                await asyncio.sleep(0.01)
-            second = await http.post("/v1/completions", json=body, headers=headers)
-            first.cancel()
-            return second
-
-    second = asyncio.run(run())
-    assert second.status_code == 429 and second.headers["retry-after"] == "1"
-    assert second.json()["error"]["code"] == "rate_limit_exceeded"
-
-
 def test_cli_binds_localhost_and_never_prints_the_key(model_dir, tmp_path):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "LLAMAHOME_API_KEY": "sk-env-secret-9"}
     args = [f"model={model_dir}", "cache=full", f"serve.port={port}", "print_config=true",
-            f"hydra.run.dir={tmp_path}", "serve.api_key=sk-argv-secret-7"]
+            f"hydra.run.dir={tmp_path}", "serve.api_key=sk-argv-secret-7", "serve.kv_memory=64MiB"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "llamahome.serve", *args], cwd=tmp_path, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -394,6 +385,7 @@ def test_cli_binds_localhost_and_never_prints_the_key(model_dir, tmp_path):
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
-    assert "[serve] http://127.0.0.1:" in out
+    assert "[serve] http://127.0.0.1:" in out and "KV pool 0.06 GiB" in out
     logs = out + "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file())
     assert "sk-argv-secret-7" not in logs and "sk-env-secret-9" not in logs
+    assert "Traceback" not in logs

@@ -1,47 +1,95 @@
-"""Request and response models following the OpenAI API (chat, completions, models, errors).
+r"""Request and response models following the OpenAI API (chat, completions, models, errors).
 
-Requests accept unknown fields (``extra="allow"``): OpenAI clients send fields we do not use
-(``user``, ``logit_bias``...), and rejecting them would break those clients. The one LlamaHome
-extension is ``kv_cache``: ``{"policy": "h2o", "budget": 0.2, "min_tokens": 0}``.
+Types are strict, as the OpenAI API's are: ``"stream": "yes"``, ``"temperature": "0.5"`` or
+``"max_tokens": 1.5`` are a 400 naming the field, never coerced (an integer is still a number).
+Every text field must be valid Unicode: a lone surrogate (``"\ud800"`` in the JSON: legal
+there, not in UTF-8) is a 400 at the edge, not a failure deep in the tokenizer. ``seed`` is an
+int64.
+
+Requests accept unknown fields (``extra="allow"``): OpenAI clients send fields we do not use,
+and rejecting them would break those clients. Known fields we accept and ignore
+(``presence_penalty``, ``logit_bias``, ``user``, ...) are still type-checked. The LlamaHome
+extensions are ``kv_cache`` (``{"policy": "h2o", "budget": 0.2, "min_tokens": 0}``) and
+``ignore_eos`` (as vLLM's: generate ``max_tokens`` tokens whatever the model's end token).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+INT64 = 2**63
+
+
+def _unicode(text: str) -> str:
+    """Reject text that UTF-8 cannot encode (a lone UTF-16 surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"holds an invalid character at position {err.start} (a lone UTF-16 surrogate): "
+            "send valid Unicode text"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+Number = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
 
 
 class KVCacheOverride(BaseModel):
     """The per-request cache: a policy and a budget (a ratio in (0, 1] or a token count)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
-    policy: str | None = None
-    budget: StrictFloat | StrictInt | None = None
-    min_tokens: int | None = Field(default=None, ge=0)
+    policy: Text | None = None
+    budget: Number | int | None = None
+    min_tokens: int | None = Field(default=None, ge=0, lt=INT64)
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _no_bool(cls, value: Any) -> Any:
+        # Strict mode keeps an int an int (a count) and a float a float (a ratio); a bool is
+        # neither, and JSON's 1.0 must stay a ratio, not become the count 1.
+        if isinstance(value, bool):
+            raise ValueError("must be a ratio in (0, 1] or a token count, not a boolean")
+        return value
 
 
-class Sampling(BaseModel):
+class StreamOptions(_Strict):
+    """``stream_options``: ``include_usage`` ends the stream with a usage chunk."""
+
+    include_usage: bool | None = None
+
+
+class Sampling(_Strict):
     """Fields shared by chat and text completions."""
 
-    model_config = ConfigDict(extra="allow")
-
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    model: Text
+    max_tokens: int | None = Field(default=None, ge=1, lt=INT64)
+    max_completion_tokens: int | None = Field(default=None, ge=1, lt=INT64)
+    temperature: Number | None = Field(default=None, ge=0, le=2)
+    top_p: Number | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     kv_cache: KVCacheOverride | None = None
+    ignore_eos: bool = False
+    # Accepted for compatibility, not used (type-checked all the same).
+    presence_penalty: Number | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Number | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, Number] | None = None
+    user: Text | None = None
 
     @field_validator("stop")
     @classmethod
@@ -57,44 +105,58 @@ class Sampling(BaseModel):
 
     def include_usage(self) -> bool:
         """Whether a streamed response ends with a usage chunk (OpenAI's stream_options)."""
-        return bool((self.stream_options or {}).get("include_usage"))
+        return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ChatMessage(BaseModel):
+class TextPart(_Strict):
+    """A text content part: ``{"type": "text", "text": "..."}``."""
+
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(_Strict):
     """One message; ``content`` is a string or a list of text parts."""
 
-    model_config = ConfigDict(extra="allow")
-
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: Text | list[dict[str, Any]] | None = None
+    name: Text | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for part in value:
+                if part.get("type") != "text":
+                    raise ValueError(
+                        f"a content part of type {str(part.get('type'))[:40]!r} is not supported:"
+                        " this server reads text parts only"
+                    )
+                TextPart.model_validate(part)
+        return value
 
     def text(self) -> str:
-        """Return the message text (text parts joined).
-
-        Raises:
-            ValueError: For a part that is not text (images and audio are not served).
-        """
+        """Return the message text (text parts joined)."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        texts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text content parts are supported")
-            texts.append(part["text"])
-        return "".join(texts)
+        return "".join(part["text"] for part in self.content)
 
 
 class ChatRequest(Sampling):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage]
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class CompletionRequest(Sampling):
     """POST /v1/completions (one prompt per request)."""
 
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    suffix: Text | None = None
 
     def prompt_text(self) -> str:
         """Return the single prompt.
@@ -120,7 +182,7 @@ def now() -> int:
 
 
 def usage(prompt_tokens: int, completion_tokens: int, kv_cache: dict[str, Any]) -> dict:
-    """OpenAI's usage object plus the KV cache figures (policy, bytes_held, bytes_full)."""
+    """OpenAI's usage object plus the KV cache figures (policy, bytes, keep ratio, pool)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
