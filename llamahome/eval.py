@@ -84,6 +84,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     cache_spec = build(cfg, "cache")
     task = build(cfg, "task")
     spec = model_spec(cfg)
+    from llamahome.model.scorer import check_scorer_available
+
+    check_scorer_available(cache_spec, spec)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("print_config"):
@@ -136,6 +139,7 @@ def _run(
         "kv_bytes": outcome.kv_bytes,
         "full_kv_bytes": outcome.full_kv_bytes,
         "kv_ratio": outcome.kv_bytes / outcome.full_kv_bytes if outcome.full_kv_bytes else None,
+        "keep_ratio": outcome.keep_ratio,
         # The full cache never evicts by design; "no eviction" flags a budget >= the text.
         "note": outcome.note if cache_spec.policy != "full" else "",
         "tokens": outcome.tokens,

@@ -58,6 +58,9 @@ def build_server(cfg: DictConfig):
     serve = check_serve(cfg)
     cache_spec = build(cfg, "cache")
     model_spec = build(cfg, "model")
+    from llamahome.model.scorer import check_scorer_available
+
+    check_scorer_available(cache_spec, model_spec)
     model, tokenizer = load_model(model_spec)
     engine = Engine(
         model, tokenizer, lambda spec, seq_len: build_cache(spec, model.config, seq_len),

@@ -28,6 +28,8 @@ class Outcome:
         tokens: Tokens that went through the model (prompt + decoded).
         seconds: Model time (prefill + decode), without loading.
         evicted: Whether the cache ever dropped a token (False: "no eviction").
+        keep_ratio: Tokens held / tokens seen at the end of each sequence (``keep_ratio``),
+            averaged over the sequences weighted by their length.
     """
 
     metric: str
@@ -39,6 +41,7 @@ class Outcome:
     tokens: int = 0
     seconds: float = 0.0
     evicted: bool = True
+    keep_ratio: float | None = None
 
     @property
     def note(self) -> str:
@@ -67,6 +70,7 @@ class Outcome:
             tokens=tokens,
             seconds=watch.seconds,
             evicted=meter.evicted,
+            keep_ratio=meter.keep_ratio,
         )
 
 
@@ -78,15 +82,23 @@ class KVMeter:
         self.kv_bytes = 0
         self.full_kv_bytes = 0
         self.evicted = False
+        self._kept = self._seen = 0.0
+
+    @property
+    def keep_ratio(self) -> float | None:
+        """Tokens held / tokens seen over every cache added, weighted by length (None: none)."""
+        return self._kept / self._seen if self._seen else None
 
     def add(self, cache: Any) -> None:
         """Account for a cache after its sequence is done."""
-        from llamahome.kvcache.spec import full_kv_bytes, kv_bytes
+        from llamahome.kvcache.spec import full_kv_bytes, keep_ratio, kv_bytes
 
         full = full_kv_bytes(cache)
         if full >= self.full_kv_bytes:
             self.kv_bytes, self.full_kv_bytes = kv_bytes(cache), full
         self.evicted = self.evicted or evicted(cache)
+        self._kept += keep_ratio(cache) * full
+        self._seen += full
 
 
 def evicted(cache: Any) -> bool:

@@ -32,6 +32,7 @@ COLUMNS = (
     "kv_bytes",
     "full_kv_bytes",
     "kv_ratio",
+    "keep_ratio",
     "note",
     "tokens",
     "tok_s",

@@ -193,6 +193,7 @@ def streaming_perplexity(
         tokens=rows * total,
         seconds=watch.seconds,
         evicted=meter.evicted,
+        keep_ratio=meter.keep_ratio,
     )
 
 

@@ -174,4 +174,5 @@ class Summarization:
             tokens=tokens,
             seconds=watch.seconds,
             evicted=meter.evicted,
+            keep_ratio=meter.keep_ratio,
         )

@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache, TextStreamer
 
 from llamahome.errors import CacheError, ConfigError
-from llamahome.kvcache.spec import POLICIES, CacheSpec, full_kv_bytes, kv_bytes
+from llamahome.kvcache.spec import POLICIES, CacheSpec, full_kv_bytes, keep_ratio, kv_bytes
 from llamahome.model.generation import cache_kwarg
 
 # For tokenizers without a chat template (the local BPE of model=tiny): a plain transcript.
@@ -50,6 +50,7 @@ class TurnStats:
         kv_tokens: Tokens the cache holds (per layer).
         seen_tokens: Tokens the cache has seen (what a full cache holds).
         policy: The cache policy.
+        keep_ratio: Tokens held / tokens seen over layers and KV heads (``keep_ratio``).
     """
 
     new_tokens: int
@@ -63,6 +64,7 @@ class TurnStats:
     kv_tokens: int
     seen_tokens: int
     policy: str
+    keep_ratio: float = 1.0
 
     @property
     def tok_s(self) -> float:
@@ -80,7 +82,8 @@ class TurnStats:
         return (
             f"[chat] {self.new_tokens} tokens, {self.tok_s:.1f} tok/s | KV "
             f"{self.kv_bytes / 2**20:.2f} MiB held vs {self.full_kv_bytes / 2**20:.2f} MiB "
-            f"full{share}, {self.kv_tokens} of {self.seen_tokens} tokens | "
+            f"full{share}, {self.kv_tokens} of {self.seen_tokens} tokens, keep "
+            f"{self.keep_ratio:.0%} | "
             f"cache={self.policy} | {reuse}"
         )
 
@@ -246,6 +249,7 @@ class ChatSession:
             kv_tokens=int(layer.keys.shape[-2]) if layer.keys is not None else 0,
             seen_tokens=int(self._cache.get_seq_length()),
             policy=self.cache_spec.policy,
+            keep_ratio=keep_ratio(self._cache),
         )
         return answer, stats
 
