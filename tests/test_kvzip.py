@@ -205,6 +205,8 @@ def test_no_head_layer_or_cache_exceeds_its_cap(model, policy, head_budgets, thr
             if head_budgets == "layer":
                 assert int(real.sum(-1).max()) <= heads * cap
             assert int(real.sum((0, 2)).max()) <= layers * heads * cap
+            if threshold is None:  # the budget is spent whole, however it is shared
+                assert real.sum((0, 2)).tolist() == [layers * heads * cap] * 2
             for layer in cache.layers:  # allocated bytes cover what is really held
                 assert layer.kv_bytes() >= 2 * layer.keys[0, 0, 0].nbytes * int(real.max())
             kept = sum(int(layer.valid.sum()) for layer in cache.layers)
@@ -272,3 +274,19 @@ def test_the_question_protected_protocol_keeps_every_question_token(model, polic
     real = sum(int(layer.valid.sum()) for layer in cache.layers)
     questions = sum(len(q) for _, q in pairs) * 2 * 2  # rows' questions x layers x kv heads
     assert real == questions + 2 * 2 * 2 * int(0.2 * width)  # + 20% of the context per head
+
+
+def test_a_head_may_keep_every_token_while_the_others_keep_few():
+    model = enable_cache_hooks(_model(), prompt=PROMPT)
+    scorer = _random_scorer(model)
+    with torch.no_grad():
+        scorer.layers[0].bias[0] = 1e4  # layer 0, KV head 0 outranks every other slot
+    attach_scorer(model, scorer)
+    cache = make_cache("learned", model.config, budget_ratio=0.5, min_tokens=0, seq_len=60,
+                       head_budgets="global")
+    with torch.no_grad():
+        model(_ids(60, seed=14), cache=cache)
+    counts = torch.stack([layer.valid.sum(-1)[0] for layer in cache.layers])  # (layers, kv heads)
+    assert int(counts[0, 0]) == 60  # the whole context in one head ...
+    assert int(counts.sum()) == 2 * 2 * 30  # ... and the cache still holds its budget
+    assert cache.layers[0].keys.shape[-2] == 60 and keep_ratio(cache) == pytest.approx(0.5)

@@ -230,8 +230,8 @@ class HeadBudgetLayer(SinkLayer):
         )
         kept = torch.minimum(count, torch.as_tensor(target, device=count.device))
         k_max = int(kept.max()) if kept.numel() else 0
-        if k_max == length and (keep is None or bool(keep.all())):
-            self._keep_all(work, length)
+        if bool((kept == length).all()) and (keep is None or bool(keep.all())):
+            self._keep_all(work, length)  # every head keeps every slot
             return
         k_max = max(k_max, 1)  # an empty buffer would lose the layout; one hole is cheap
         ranked = prio if keep is None else prio.masked_fill(~keep, -INF)
