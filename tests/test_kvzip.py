@@ -39,9 +39,16 @@ def _model(seed: int = 0) -> LlamaForCausalLM:
 
 @pytest.fixture(scope="module")
 def model():
+    """The tiny model with kvzip's hook and a (random) learned scorer attached."""
     model = enable_cache_hooks(_model(), prompt=PROMPT)
     attach_scorer(model, _random_scorer(model))
     return model
+
+
+@pytest.fixture(scope="module")
+def no_scorer():
+    """The same weights with kvzip's hook only."""
+    return enable_cache_hooks(_model(), prompt=PROMPT)
 
 
 def _random_scorer(model) -> KVScorer:
@@ -110,7 +117,7 @@ def test_scores_match_a_plain_reference_of_the_papers_rule(model, chunk):
     ours = kvzip_scores(model, context, PROMPT, chunk_size=chunk).scores
     ref = reference_scores(model, context, PROMPT, chunk)
     for layer_ours, layer_ref in zip(ours, ref, strict=True):
-        torch.testing.assert_close(layer_ours[0], layer_ref, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(layer_ours[0].exp(), layer_ref, atol=1e-6, rtol=1e-5)
 
 
 def test_padded_rows_score_as_they_would_alone(model):
@@ -137,14 +144,15 @@ def test_prefill_logits_are_the_full_caches_and_generate_evicts(model):
     torch.testing.assert_close(got, want)  # nothing is evicted before the prefill's logits
     kept = [layer.valid.sum(-1) for layer in cache.layers]
     assert sum(int(k.sum()) for k in kept) == 2 * 2 * 20  # layers x kv heads x 25% of 80
-    assert all(bool((layer.scores[layer.valid] >= 0).all()) for layer in cache.layers)
+    assert all(bool((layer.scores[layer.valid] <= 0).all()) for layer in cache.layers)  # log p
     out = model.generate(ids, cache=make_cache("kvzip", model.config, budget_ratio=0.25,
                                                 min_tokens=0, seq_len=100),
                          max_new_tokens=20, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 100)
 
 
-def test_decoded_tokens_pass_through_the_window_and_the_context_stays(model):
+def test_without_a_scorer_decoded_tokens_pass_through_the_window(no_scorer):
+    model = no_scorer
     ids = _ids(120, seed=7)
     cache = make_cache("kvzip", model.config, budget_ratio=0.2, min_tokens=0, seq_len=120)
     recent = cache.layers[0].budget.sizes(120)[2]
@@ -178,7 +186,7 @@ def test_a_model_without_the_hook_is_one_clear_error():
 # ---- per-head budgets: caps that hold at prefill and at every decode step --------------------
 CASES = [
     ("kvzip", "uniform", None), ("kvzip", "layer", None), ("kvzip", "global", None),
-    ("kvzip", "global", 0.02), ("learned", "uniform", None), ("learned", "layer", None),
+    ("kvzip", "global", -3.9), ("learned", "uniform", None), ("learned", "layer", None),
     ("learned", "global", None), ("learned", "global", 0.0),
 ]
 
@@ -228,17 +236,17 @@ def test_no_head_layer_or_cache_exceeds_its_cap(model, policy, head_budgets, thr
 
 
 def test_threshold_alone_keeps_what_scores_above_it(model):
-    cache = make_cache("kvzip", model.config, threshold=0.05, min_tokens=0)
+    cache = make_cache("kvzip", model.config, threshold=-3.0, min_tokens=0)
     with torch.no_grad():
         model(_ids(90, seed=10), cache=cache)
     window = cache.layers[0].budget.sizes(90)[2]
     for layer in cache.layers:
         pos, score = layer.positions[layer.valid], layer.scores[layer.valid]
         protected = (pos < 4) | (pos >= 90 - window)
-        assert bool((score[~protected] >= 0.05).all())
+        assert bool((score[~protected] >= -3.0).all())
     reference = kvzip_scores(model, _ids(90, seed=10), PROMPT).scores
     for layer, ref in zip(cache.layers, reference, strict=True):
-        above = int(((ref[0] >= 0.05)[:, 4 : 90 - window]).sum())
+        above = int(((ref[0] >= -3.0)[:, 4 : 90 - window]).sum())
         assert int(layer.valid.sum()) == above + 2 * (4 + window)
 
 
@@ -290,3 +298,20 @@ def test_a_head_may_keep_every_token_while_the_others_keep_few():
     assert int(counts[0, 0]) == 60  # the whole context in one head ...
     assert int(counts.sum()) == 2 * 2 * 30  # ... and the cache still holds its budget
     assert cache.layers[0].keys.shape[-2] == 60 and keep_ratio(cache) == pytest.approx(0.5)
+
+
+def test_with_a_scorer_decoded_tokens_get_its_prediction(model):
+    from llamahome.kvcache.learned import attention_inputs, scorer_for
+
+    cache = make_cache("kvzip", model.config, budget_ratio=0.2, min_tokens=0, seq_len=80)
+    with torch.no_grad():
+        out = model(_ids(60, seed=15), cache=cache)
+        token = out.logits[:, -1:].argmax(-1)
+        with attention_inputs(model) as hidden:
+            model(token, cache=cache)
+    scorer = scorer_for(model.config)
+    for i, layer in enumerate(cache.layers):
+        slot = layer.positions == 60  # the decoded token, in every head
+        want = scorer.score(i, hidden[i], torch.tensor([[60]]), layer.keys[slot].view(1, 2, 1, -1),
+                            layer.values[slot].view(1, 2, 1, -1))
+        torch.testing.assert_close(layer.scores[slot].view(1, 2, 1), want)

@@ -11,8 +11,9 @@ context (``chunk_size`` tokens, default 2,048 as in kvpress) the input
 that repeat attends (softmax) to the attention sinks, the chunk's own keys and the repeat's keys
 (causally); a context key's score is its largest attention probability over the repeat's queries
 and over the query heads of its KV head (GQA). A KV pair scores high when reproducing the context
-needs it, whatever the question will be (query-agnostic). The first ``sink_tokens`` (4) real
-tokens are always kept, as in kvpress.
+needs it, whatever the question will be (query-agnostic). The cache stores the log of that
+probability (`log_scores`), the scale the learned scorer predicts and ``cache.threshold`` is
+given in. The first ``sink_tokens`` (4) real tokens are always kept, as in kvpress.
 
 Budgets per KV head are non-uniform, as in the paper: by default (``head_budgets=global``) the
 cache's whole budget (layers x KV heads x the per-head budget) goes to the highest scores over
@@ -27,11 +28,15 @@ queries over the held keys, scores in blocks of 16 MiB of logits), so its activa
 of a ``chunk_size``-token prefill. The prefill's own logits are the full cache's (nothing is
 evicted before them).
 
-Decode. KVzip compresses a context once; decoded tokens have no reconstruction score. They are
-kept while in the recent window (the budget's recent part) and, once out of it, are the first to
-go (oldest first), so the compressed context stays as it was chosen and the cache never exceeds
-its budget. A later multi-token forward (the next chat turn, a second document) is scored the
-same way: its tokens are reconstructed, then the whole cache is evicted down to the budget again.
+Decode. KVzip compresses a context once; decoded tokens have no reconstruction score. When the
+model carries a learned scorer (``model=<kv_scorer run>``, ``learned.py``), each decoded token
+gets the scorer's prediction of its log KVzip score and competes with the context on the same
+scale (KVzap's use of a surrogate at decode). Without one, decoded tokens are kept while in the
+recent window (the budget's recent part) and, once out of it, are the first to go (oldest
+first), so the compressed context stays as it was chosen. Either way each head keeps its count:
+the cache never exceeds its budget. A later multi-token forward (the next chat turn, a second
+document) is scored the same way: its tokens are reconstructed, then the whole cache is evicted
+down to the budget again.
 
 How it runs inside any ``model(...)`` / ``model.generate(...)`` call: the model carries a forward
 hook on its decoder (``model_hooks.enable_cache_hooks``, installed by ``llamahome.load_model``)
@@ -51,13 +56,16 @@ import torch
 from llamahome.errors import CacheError
 from llamahome.kvcache.attention import CACHE_HOOK_KWARG
 from llamahome.kvcache.head_budget import HeadBudgetLayer
+from llamahome.kvcache.learned import KVScorer, ScorerInputs
 from llamahome.kvcache.slots import new_token_validity
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "LOG_FLOOR",
     "KVzipLayer",
     "RepeatPrompt",
     "kvzip_chunk_scores",
+    "log_scores",
     "reconstruct",
     "repeat_prompt",
 ]
@@ -68,9 +76,16 @@ NEXT_PROMPT = "\n\nRepeat the part of the previous context exactly, starting wit
 PREVIOUS_TAIL = 8  # tokens of the previous chunk that open the next chunk's repeat prompt
 # Elements of one block of scoring logits (float32): 2**22 = 16 MiB, as the hybrid attention.
 SCORE_BLOCK_ELEMENTS = 2**22
-# A decoded token's score: its position minus 2**23, below any attention probability and exact
-# in float32 (older decoded tokens go first).
+# A decoded token's score: its position minus 2**23, below any log score and exact in float32
+# (older decoded tokens go first).
 _DECODED = float(2**23)
+# Probabilities below this are all "never needed": log() of them is clamped (log 1e-9 = -20.7).
+LOG_FLOOR = 1e-9
+
+
+def log_scores(scores: torch.Tensor) -> torch.Tensor:
+    """The stored score: the log of the KVzip probability, clamped below at `LOG_FLOOR`."""
+    return scores.clamp(min=LOG_FLOOR).log()
 
 
 @dataclass(frozen=True)
@@ -176,8 +191,8 @@ def kvzip_chunk_scores(
     return best
 
 
-class KVzipLayer(HeadBudgetLayer):
-    """Reconstruction scores at prefill, per KV head; decoded tokens through the recent window."""
+class KVzipLayer(ScorerInputs, HeadBudgetLayer):
+    """Reconstruction scores at prefill, per KV head; decoded tokens as the module doc says."""
 
     policy = "kvzip"
     needs_reconstruction = True
@@ -187,6 +202,8 @@ class KVzipLayer(HeadBudgetLayer):
         *args: Any,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         score_only: bool = False,
+        scorer: KVScorer | None = None,
+        layer_idx: int = 0,
         **kwargs: Any,
     ) -> None:
         """See `HeadBudgetLayer`.
@@ -195,11 +212,15 @@ class KVzipLayer(HeadBudgetLayer):
             *args: The budget (and ``inv_freq``).
             chunk_size: Context tokens reconstructed per pass.
             score_only: Score every prefill but never evict (the teacher for the learned scorer).
+            scorer: The model's learned scorer, if it has one: it scores decoded tokens.
+            layer_idx: This layer's index in the model.
             **kwargs: ``threshold``, ``head_budgets``.
         """
         super().__init__(*args, **kwargs)
         self.chunk_size = chunk_size
         self.score_only = score_only
+        self.scorer = None if score_only else scorer
+        self.layer_idx = layer_idx
         self._scoring: tuple[int, int] | None = None  # slot range of the chunk being scored
         self._probe: tuple[Any, ...] | None = None
 
@@ -207,7 +228,12 @@ class KVzipLayer(HeadBudgetLayer):
         return q > 1 and not self._pinning and (self.score_only or not self._never_evicts())
 
     def _entry_score(self, bsz: int, kv_heads: int, q: int, device: torch.device) -> Any:
-        # Prefill tokens are scored by the reconstruction; a decoded token ranks by its age.
+        # Prefill tokens are scored by the reconstruction. A decoded token gets the learned
+        # scorer's prediction of its (log) KVzip score when the model has a scorer, else it
+        # ranks by its age (below every context token once out of the recent window).
+        if q == 1 and self.scorer is not None:
+            return self._predicted(bsz, kv_heads, q, device)
+        self._forget_inputs()
         return float(self._seen_before) - _DECODED if q == 1 else 0.0
 
     def settle(self, adapt: bool = False) -> None:
@@ -282,8 +308,10 @@ class KVzipLayer(HeadBudgetLayer):
             sink_ok = torch.zeros(bsz, kv_heads, 0, dtype=torch.bool, device=key.device)
             sink_keys = key[:, :, :0]
         chunk_ok = state["valid"][:, :, start:stop]
-        state["score"][:, :, start:stop] = kvzip_chunk_scores(
-            query, sink_keys, sink_ok, key[:, :, start:stop], chunk_ok, key[:, :, n:], repeat_ok
+        state["score"][:, :, start:stop] = log_scores(
+            kvzip_chunk_scores(
+                query, sink_keys, sink_ok, key[:, :, start:stop], chunk_ok, key[:, :, n:], repeat_ok
+            )
         )
         self.cumulative_length = self._seen_before
         self._awaiting = False
@@ -292,6 +320,11 @@ class KVzipLayer(HeadBudgetLayer):
     def reset(self) -> None:  # noqa: D102
         super().reset()
         self.end_scoring()
+        self._forget_inputs()
+
+    def _map_state(self, fn: Any) -> None:
+        super()._map_state(fn)
+        self._forget_inputs()
 
 
 def _forward_inputs(

@@ -214,7 +214,82 @@ class KVScorer(nn.Module):
                 last.bias.copy_(targets[i].transpose(1, 2)[valid].mean(dim=0))
 
 
-class LearnedLayer(HeadBudgetLayer):
+class ScorerInputs:
+    """What a cache layer needs to score its new tokens with a `KVScorer` (a mixin).
+
+    ``observe_hidden`` (from the model's pre-hook) keeps the attention's input, ``update`` the
+    new keys and values, ``_new_meta`` the tokens' positions (their rank among the row's real
+    tokens); `_predicted` turns them into scores when the slots are written. The layer sets
+    ``scorer`` (None: nothing to score with) and ``layer_idx``.
+    """
+
+    scorer: KVScorer | None = None
+    layer_idx: int = 0
+    _observed: torch.Tensor | None = None
+    _positions: torch.Tensor | None = None
+    _new_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def observe_hidden(self, hidden_states: torch.Tensor) -> None:
+        """Keep the input of the tokens about to enter (the model's hook calls it before update).
+
+        They are scored, with their positions, keys and values, when their slots are written.
+
+        Args:
+            hidden_states: (batch, tokens, hidden_size), the attention's input.
+        """
+        if self.scorer is not None:
+            self._observed = hidden_states
+
+    def update(self, key_states, value_states, *args: Any, **kwargs: Any):  # noqa: D102
+        if self.scorer is not None:
+            self._new_kv = (key_states, value_states)  # their norms are scorer inputs
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def _new_meta(self, bsz, kv_heads, q, new_valid, position_ids, device):  # noqa: D102
+        if self.scorer is not None:
+            # A token is scored at its rank among the row's real tokens (padding does not
+            # count), read before the sink bookkeeping advances it.
+            before = self._real_seen
+            if before is None or before.shape[0] != bsz:
+                before = torch.zeros(bsz, dtype=torch.long, device=device)
+            valid = (
+                new_valid
+                if new_valid is not None
+                else torch.ones(bsz, q, dtype=torch.bool, device=device)
+            )
+            self._positions = valid.long().cumsum(-1) - 1 + before[:, None]
+        return super()._new_meta(bsz, kv_heads, q, new_valid, position_ids, device)
+
+    def _predicted(self, bsz: int, kv_heads: int, q: int, device: torch.device) -> torch.Tensor:
+        """The scorer's (batch, kv_heads, q) scores of the new tokens.
+
+        Raises:
+            CacheError: No hidden states arrived (no hook), or the scorer fits another model.
+        """
+        hidden, self._observed = self._observed, None
+        keys, values = self._new_kv if self._new_kv is not None else (None, None)
+        self._new_kv = None
+        if hidden is None:
+            raise CacheError(
+                f"cache.policy={self.policy}: no hidden states reached the cache, so the scorer "
+                "is not attached to this model: load it with llamahome.load_model (a model "
+                "directory with kv_scorer/), or call "
+                "llamahome.kvcache.learned.attach_scorer(model, scorer)."
+            )
+        with torch.no_grad():
+            scores = self.scorer.score(self.layer_idx, hidden, self._positions, keys, values)
+        if scores.shape != (bsz, kv_heads, q):
+            raise CacheError(
+                f"cache.policy={self.policy}: the scorer gave {tuple(scores.shape)} scores for "
+                f"{q} tokens of {bsz} rows x {kv_heads} KV heads: it was trained for another model."
+            )
+        return scores.to(device)
+
+    def _forget_inputs(self) -> None:
+        self._observed = self._new_kv = self._positions = None
+
+
+class LearnedLayer(ScorerInputs, HeadBudgetLayer):
     """Slots scored by the learned scorer as they enter (prefill and decode)."""
 
     policy = "learned"
@@ -233,64 +308,17 @@ class LearnedLayer(HeadBudgetLayer):
         super().__init__(*args, **kwargs)
         self.scorer = scorer
         self.layer_idx = layer_idx
-        self._observed: torch.Tensor | None = None
-        self._positions: torch.Tensor | None = None
-        self._new_kv: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def update(self, key_states, value_states, *args: Any, **kwargs: Any):  # noqa: D102
-        self._new_kv = (key_states, value_states)  # their norms are scorer inputs
-        return super().update(key_states, value_states, *args, **kwargs)
-
-    def observe_hidden(self, hidden_states: torch.Tensor) -> None:
-        """Keep the input of the tokens about to enter (the model's hook calls it before update).
-
-        They are scored, with their positions, keys and values, when their slots are written.
-
-        Args:
-            hidden_states: (batch, tokens, hidden_size), the attention's input.
-        """
-        self._observed = hidden_states
-
-    def _new_meta(self, bsz, kv_heads, q, new_valid, position_ids, device):  # noqa: D102
-        # The position a token is scored with is its rank among the row's real tokens (padding
-        # does not count), read before the sink bookkeeping advances it.
-        before = self._real_seen
-        if before is None or before.shape[0] != bsz:
-            before = torch.zeros(bsz, dtype=torch.long, device=device)
-        valid = (
-            new_valid
-            if new_valid is not None
-            else torch.ones(bsz, q, dtype=torch.bool, device=device)
-        )
-        self._positions = valid.long().cumsum(-1) - 1 + before[:, None]
-        return super()._new_meta(bsz, kv_heads, q, new_valid, position_ids, device)
 
     def _entry_score(self, bsz: int, kv_heads: int, q: int, device: torch.device) -> Any:
-        hidden, self._observed = self._observed, None
-        if hidden is None:
-            raise CacheError(
-                "cache.policy=learned: no hidden states reached the cache, so the scorer is not "
-                "attached to this model: load it with llamahome.load_model (a model directory "
-                "with kv_scorer/), or call llamahome.kvcache.learned.attach_scorer(model, scorer)."
-            )
-        keys, values = self._new_kv if self._new_kv is not None else (None, None)
-        self._new_kv = None
-        with torch.no_grad():
-            observed = self.scorer.score(self.layer_idx, hidden, self._positions, keys, values)
-        if observed.shape != (bsz, kv_heads, q):
-            raise CacheError(
-                f"cache.policy=learned: the scorer gave {tuple(observed.shape)} scores for "
-                f"{q} tokens of {bsz} rows x {kv_heads} KV heads: it was trained for another model."
-            )
-        return observed.to(device)
+        return self._predicted(bsz, kv_heads, q, device)
 
     def reset(self) -> None:  # noqa: D102
         super().reset()
-        self._observed = self._new_kv = None
+        self._forget_inputs()
 
     def _map_state(self, fn: Any) -> None:
         super()._map_state(fn)
-        self._observed = self._new_kv = None
+        self._forget_inputs()
 
 
 def scorer_for(config: Any) -> KVScorer | None:

@@ -126,8 +126,10 @@ def layer_options(spec: CacheSpec, model_config: Any) -> dict[str, Any]:
     options: dict[str, Any] = {"threshold": spec.threshold, "head_budgets": spec.head_budgets}
     if spec.policy == "kvzip":
         from llamahome.kvcache.kvzip import DEFAULT_CHUNK_SIZE
+        from llamahome.kvcache.learned import scorer_for
 
         options["chunk_size"] = spec.chunk_size or DEFAULT_CHUNK_SIZE
+        options["scorer"] = scorer_for(model_config)  # scores decoded tokens, when there is one
     else:
         from llamahome.kvcache.learned import require_scorer
 

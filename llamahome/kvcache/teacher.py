@@ -19,10 +19,7 @@ from llamahome.kvcache.kvzip import DEFAULT_CHUNK_SIZE, KVzipLayer, RepeatPrompt
 from llamahome.kvcache.learned import attention_inputs
 from llamahome.kvcache.model_hooks import decoder_of, settle_cache
 
-__all__ = ["LOG_FLOOR", "TeacherOutput", "kvzip_scores", "log_scores"]
-
-# log() of a score below this is clamped: probabilities under e^-20 are all "never needed".
-LOG_FLOOR = 1e-9
+__all__ = ["TeacherOutput", "kvzip_scores"]
 
 
 @dataclass
@@ -30,7 +27,7 @@ class TeacherOutput:
     """What `kvzip_scores` returns, one tensor per layer in each list.
 
     Attributes:
-        scores: float32 (batch, kv_heads, tokens) KVzip scores.
+        scores: float32 (batch, kv_heads, tokens) log KVzip scores (``kvzip.log_scores``).
         keys: (batch, kv_heads, tokens, head_dim), rotated, as the cache held them.
         values: (batch, kv_heads, tokens, head_dim).
         hidden: (batch, tokens, hidden) attention inputs, or None (``with_hidden=False``).
@@ -40,11 +37,6 @@ class TeacherOutput:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     hidden: list[torch.Tensor] | None = None
-
-
-def log_scores(scores: torch.Tensor) -> torch.Tensor:
-    """The regression target: log of the KVzip score (KVzap predicts it), clamped below."""
-    return scores.clamp(min=LOG_FLOOR).log()
 
 
 @torch.no_grad()
@@ -57,7 +49,7 @@ def kvzip_scores(
     sinks: int = 4,
     with_hidden: bool = False,
 ) -> TeacherOutput:
-    """KVzip reconstruction scores of every token of `input_ids`, nothing evicted.
+    """KVzip reconstruction scores (log) of every token of `input_ids`, nothing evicted.
 
     Args:
         model: A causal LM on the hybrid attention (``llamahome.load_model``).

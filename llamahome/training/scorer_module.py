@@ -39,7 +39,7 @@ from torchmetrics.functional import spearman_corrcoef
 from llamahome.kvcache.attention import register_hybrid_attention
 from llamahome.kvcache.kvzip import DEFAULT_CHUNK_SIZE, repeat_prompt
 from llamahome.kvcache.learned import KVScorer
-from llamahome.kvcache.teacher import kvzip_scores, log_scores
+from llamahome.kvcache.teacher import kvzip_scores
 
 register_hybrid_attention()  # spawned workers unpickle the model without load_model
 
@@ -178,7 +178,7 @@ class KVScorerModule(L.LightningModule):
             "keys": out.keys,
             "values": out.values,
         }
-        return inputs, [log_scores(s) for s in out.scores], valid
+        return inputs, out.scores, valid
 
     def _loss(self, inputs, targets, valid) -> tuple[torch.Tensor, list[torch.Tensor]]:
         preds = self.scorer(**inputs)
