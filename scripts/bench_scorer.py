@@ -85,14 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, nargs="+", default=[2048, 1024])
     p.add_argument("--pretrained", action="store_true")
     p.add_argument("--skip-prefill", action="store_true")
+    p.add_argument("--skip-decode", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     base, ours = build_models(args.pretrained)
     print(f"# python scripts/bench_scorer.py {' '.join(argv or sys.argv[1:])}")
     print(f"# load average {os.getloadavg()}; 1 thread; budget_ratio={args.budget}, min_tokens=0")
-    print("\n| context | plain tok/s | learned tok/s | learned vs plain | scorer / step |")
-    print("|---:|---:|---:|---:|---:|")
-    for length in args.lengths:
+    if not args.skip_decode:
+        print("\n| context | plain tok/s | learned tok/s | learned vs plain | scorer / step |")
+        print("|---:|---:|---:|---:|---:|")
+    for length in [] if args.skip_decode else args.lengths:
         b, o, share = decode(base, ours, length, args.steps, args.budget, time.thread_time)
         print(f"| {length} | {b:.1f} | {o:.1f} | {o / b:.2f}x | {share:.1%} |", flush=True)
     if args.skip_prefill:
