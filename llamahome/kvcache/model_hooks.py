@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from llamahome.kvcache.head_budget import settle
-from llamahome.kvcache.kvzip import RepeatPrompt, reconstruct, repeat_prompt
+from llamahome.kvcache.reconstruction import RepeatPrompt, reconstruct, repeat_prompt
 
 __all__ = ["CacheSettleHook", "decoder_of", "enable_cache_hooks", "settle_cache"]
 

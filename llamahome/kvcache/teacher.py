@@ -15,9 +15,10 @@ from typing import Any
 import torch
 
 from llamahome.kvcache.budget import Budget
-from llamahome.kvcache.kvzip import DEFAULT_CHUNK_SIZE, KVzipLayer, RepeatPrompt, _cache_keyword
+from llamahome.kvcache.kvzip import KVzipLayer
 from llamahome.kvcache.learned import attention_inputs
 from llamahome.kvcache.model_hooks import decoder_of, settle_cache
+from llamahome.kvcache.reconstruction import DEFAULT_CHUNK_SIZE, RepeatPrompt, cache_keyword
 
 __all__ = ["TeacherOutput", "kvzip_scores"]
 
@@ -75,7 +76,7 @@ def kvzip_scores(
     cache = PolicyCache(layers, "kvzip")
     decoder = decoder_of(model)
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": True}
-    keyword = _cache_keyword(decoder)
+    keyword = cache_keyword(decoder)
     if attention_mask is not None:
         kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     hidden = None
