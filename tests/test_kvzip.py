@@ -315,3 +315,20 @@ def test_with_a_scorer_decoded_tokens_get_its_prediction(model):
         want = scorer.score(i, hidden[i], torch.tensor([[60]]), layer.keys[slot].view(1, 2, 1, -1),
                             layer.values[slot].view(1, 2, 1, -1))
         torch.testing.assert_close(layer.scores[slot].view(1, 2, 1), want)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "phrase"),
+    [
+        ({"policy": "kvzip", "head_budgets": "random"}, "cache.head_budgets='random'"),
+        ({"policy": "h2o", "threshold": -4.0}, "cache.threshold is used by cache.policy=kvzip"),
+        ({"policy": "learned", "chunk_size": 512}, "cache.chunk_size is used by"),
+        ({"policy": "kvzip", "chunk_size": 4}, "cache.chunk_size=4"),
+        ({"policy": "kvzip", "threshold": "high"}, "cache.threshold='high'"),
+        ({"policy": "kvzip", "window_length": 4}, "cache.window_length=4 leaves no recent slot"),
+    ],
+)
+def test_bad_score_policy_keys_are_one_line_naming_the_key(kwargs, phrase):
+    with pytest.raises(CacheError) as info:
+        CacheSpec(**kwargs)
+    assert phrase in str(info.value) and len(str(info.value).splitlines()) == 1
