@@ -124,27 +124,29 @@ def kvzip_chunk_scores(
     kv_heads, s, c = chunk_keys.shape[1], sink_keys.shape[2], chunk_keys.shape[2]
     groups = heads // kv_heads
     scale = scaling if scaling is not None else 1.0 / math.sqrt(dim)
-    keys = torch.cat((sink_keys, chunk_keys, repeat_keys), dim=2).float()
-    keys_t = keys.transpose(-1, -2)  # (b, kvh, d, s + c + r)
-    fixed_ok = torch.cat((sink_ok, chunk_ok), dim=-1)[:, :, None, None, :]  # (b,kvh,1,1,s+c)
-    q_all = query.float().view(bsz, kv_heads, groups, r, dim)
+    # The query is pre-scaled once; keys are (b, kvh, d, s + c + r) for one batched product.
+    keys_t = torch.cat((sink_keys, chunk_keys, repeat_keys), dim=2).float().transpose(-1, -2)
+    fixed_bad = ~torch.cat((sink_ok, chunk_ok), dim=-1)[:, :, None, None, :]  # (b,kvh,1,1,s+c)
+    any_fixed_bad = bool(fixed_bad.any())
+    padded = not bool(repeat_ok.all())
+    q_all = (query.float() * scale).view(bsz, kv_heads, groups, r, dim)
     best = torch.zeros(bsz, kv_heads, c, dtype=torch.float32, device=query.device)
-    width = s + c + r
-    rows = max(1, block_elements // max(1, bsz * heads * width))
+    rows = max(1, block_elements // max(1, bsz * heads * (s + c + r)))
+    keys_r = torch.arange(r, device=query.device)
     for lo in range(0, r, rows):
         hi = min(r, lo + rows)
-        logits = torch.matmul(q_all[:, :, :, lo:hi], keys_t[:, :, None]).mul_(scale)
-        causal = torch.arange(r, device=query.device)[None, :] <= torch.arange(
-            lo, hi, device=query.device
-        )[:, None]
-        rep_ok = (causal[None] & repeat_ok[:, None, :])[:, None, None]  # (b,1,1,n,r)
-        allowed = torch.cat(
-            (fixed_ok.expand(-1, -1, -1, hi - lo, -1), rep_ok.expand(-1, kv_heads, -1, -1, -1)),
-            dim=-1,
-        )
-        logits.masked_fill_(~allowed, float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)[..., s : s + c]
-        probs.mul_(repeat_ok[:, None, None, lo:hi, None])  # padded queries give nothing
+        logits = torch.matmul(q_all[:, :, :, lo:hi], keys_t[:, :, None])  # (b,kvh,g,n,s+c+r)
+        # Masks applied in place through broadcasting views: nothing of logits' size is built.
+        hidden = keys_r[None, :] > torch.arange(lo, hi, device=query.device)[:, None]  # future
+        if padded:
+            hidden = hidden[None] | ~repeat_ok[:, None, :]
+        logits[..., s + c :].masked_fill_(hidden[..., None, None, :, :] if padded else hidden,
+                                           float("-inf"))
+        if any_fixed_bad:
+            logits[..., : s + c].masked_fill_(fixed_bad, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)[..., s : s + c]
+        if padded:  # a padded query gives nothing (its row may even be empty: nan)
+            probs = probs.nan_to_num(0.0).mul_(repeat_ok[:, None, None, lo:hi, None])
         best = torch.maximum(best, probs.amax(dim=(2, 3)))
     return best
 
