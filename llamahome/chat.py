@@ -149,6 +149,9 @@ def chat(cfg: DictConfig) -> None:
     cache_spec = build(cfg, "cache")
     model_spec = build(cfg, "model")
     gen_kwargs = sampling_kwargs(**{key: cfg.get(key) for key in SAMPLING_KEYS})
+    from llamahome.model.scorer import check_scorer_available
+
+    check_scorer_available(cache_spec, model_spec)
     if cfg.get("print_config"):
         from llamahome.utils.rich_utils import print_config_tree
 

@@ -92,6 +92,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         from llamahome.model.context import model_context
 
         check_context(model_context(spec), cache_spec)
+    from llamahome.model.scorer import check_scorer_available
+
+    check_scorer_available(cache_spec, spec)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("print_config"):

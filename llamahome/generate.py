@@ -116,6 +116,9 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     prompt = read_prompt(cfg)
     gen_kwargs = generation_kwargs(cfg)
     check_chat_template(cfg.get("chat_template", "auto"))
+    from llamahome.model.scorer import check_scorer_available
+
+    check_scorer_available(cache_spec, model_spec)
     if cfg.get("print_config"):
         from llamahome.utils.rich_utils import print_config_tree
 
@@ -124,7 +127,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     import torch
     from transformers import TextStreamer
 
-    from llamahome.kvcache.spec import full_kv_bytes, kv_bytes
+    from llamahome.kvcache.spec import full_kv_bytes, keep_ratio, kv_bytes
     from llamahome.model.context import fit_new_tokens, model_context
     from llamahome.model.load import load_model, load_tokenizer
 
@@ -169,13 +172,15 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         "tok_s": new_ids.shape[0] / seconds if seconds > 0 else float("nan"),
         "kv_bytes": held,
         "full_kv_bytes": full,
+        "keep_ratio": keep_ratio(cache),
         "policy": cache_spec.policy,
     }
     share = f" ({held / full:.0%})" if full else ""
     print(
         f"[generate] prompt {prompt_tokens} tokens | new {result['new_tokens']} tokens | "
         f"{seconds:.1f} s, {result['tok_s']:.1f} tok/s | KV {held / 2**20:.2f} MiB held vs "
-        f"{full / 2**20:.2f} MiB full{share} | cache={cache_spec.policy}",
+        f"{full / 2**20:.2f} MiB full{share}, keep {result['keep_ratio']:.0%} | "
+        f"cache={cache_spec.policy}",
         flush=True,
     )
     return result

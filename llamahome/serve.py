@@ -64,9 +64,11 @@ def build_server(cfg: DictConfig):
 
     # After the checks: a bad serve.* or cache.* value is answered before torch and FastAPI load.
     from llamahome.model.load import load_model
+    from llamahome.model.scorer import check_scorer_available
     from llamahome.serving.app import ServeSettings, create_app
     from llamahome.serving.engine import Engine, build_cache
 
+    check_scorer_available(cache_spec, model_spec)  # cache=learned: is there a scorer?
     model, tokenizer = load_model(model_spec)
     engine = Engine(
         model, tokenizer, lambda spec, seq_len: build_cache(spec, model.config, seq_len),

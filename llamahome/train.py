@@ -123,6 +123,10 @@ def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dic
     check_optimizer(cfg)
     if in_multirun():
         check_launchable(cfg)
+    from llamahome.model.scorer import check_scorer_available
+
+    check_scorer_available(cache_spec, model_spec)  # cache=learned: is there a scorer?
+    lit_module = build(cfg, "module") or LlamaLitModule  # a partial; conf/module
     finetuning = build(cfg, "peft")
     # QLoRA without a GPU, fp16 AMP on CPU, bad levers: fail now; the 4-bit config if qlora.
     quantization = check_finetuning(cfg, finetuning)
@@ -138,7 +142,7 @@ def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dic
     model = apply_finetuning(model, finetuning)
     model.train()
     log.info("Model %s ready in %.1f s", model_spec.name, time.perf_counter() - load_start)
-    lit = LlamaLitModule(
+    lit = lit_module(
         model=model,
         optimizer=build(cfg, "optim"),
         scheduler=build(cfg, "scheduler"),
@@ -197,6 +201,8 @@ def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dic
         model = gather_full_model(lit.model, unsharded, trainer.is_global_zero)
         if trainer.is_global_zero:
             export_hf(model, tokenizer, output_dir / "export", spec=model_spec)
+            if hasattr(lit, "export_to"):  # module=kv_scorer: the scorer next to the model
+                lit.export_to(output_dir / "export")
     metrics["time/total_s"] = time.perf_counter() - start
     finish_run()  # one W&B run per job: the next sweep job (same process) starts its own
     if trainer.is_global_zero:

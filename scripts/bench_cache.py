@@ -270,6 +270,7 @@ def build_models(pretrained: bool):
     base.load_state_dict(ours.state_dict(), assign=True)  # shared tensors, no copy
     base.set_attn_implementation("sdpa")
     attn.enable_hybrid_attention(ours)
+    attach_policy_hooks(ours, pretrained)
     return base.eval(), ours.eval()
 
 
@@ -304,6 +305,21 @@ def print_table(rows: list[Row]) -> None:
             f"| {r.kv_ratio:.2f}x | {r.peak_ratio:.2f}x | {share} "
             f"| {r.ops[0]} / {r.ops[1]} | {verdict(r, controls.get((r.length, r.mode)))} |"
         )
+def attach_policy_hooks(model, pretrained: bool) -> None:
+    """kvzip's settle hook (load_model installs it) and, if none, a random cache=learned scorer.
+
+    An untrained scorer costs what a trained one does: the speed figures hold for both.
+    """
+    from llamahome.kvcache.kvzip import RepeatPrompt
+    from llamahome.kvcache.learned import KVScorer, attach_scorer, scorer_for
+    from llamahome.kvcache.model_hooks import enable_cache_hooks
+
+    if not pretrained:  # no tokenizer: any ids make a prompt for random weights
+        enable_cache_hooks(model, prompt=RepeatPrompt((198, 198), (198, 198), (198,)))
+    if scorer_for(model.config) is None:
+        cfg = model.config
+        attach_scorer(model, KVScorer(cfg.num_hidden_layers, cfg.hidden_size,
+                                      cfg.num_key_value_heads))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -585,7 +585,7 @@ def test_bad_request_is_an_openai_error(serve_app, method, path, body, status, p
 # (utils/preflight.py via utils/cli.py:launch): one `error: ConfigError:` line, exit 2, for every
 # entry point. (id, entry, arguments, phrase in the line.) In-process: the same `launch` as
 # `python -m llamahome.<entry>`; the last test sends real non-UTF-8 bytes through the OS.
-_OPTIONS = "choose one of full, h2o, keydiff, knorm, sink, snapkv, tova, window"
+_OPTIONS = "choose one of full, h2o, keydiff, knorm, kvzip, learned, sink, snapkv, tova, window"
 _ENTRIES = ("train", "eval", "generate", "chat", "serve")
 COMMAND_LINE_ROWS = [
     *[(f"{e}-unknown-option", e, ("cache=nosuch",),

@@ -9,7 +9,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from llamahome.errors import CacheError
 from llamahome.kvcache.attention import enable_hybrid_attention
-from llamahome.kvcache.spec import POLICIES, CacheSpec, keep_ratio, make_cache, pinned
+from llamahome.kvcache.spec import SCORE_POLICIES, CacheSpec, keep_ratio, make_cache, pinned
+from llamahome.kvcache.spec import POLICIES as ALL_POLICIES
+
+# kvzip and learned need the model's hooks (a reconstruction prompt, a scorer) and keep per-head
+# counts: tests/test_kvzip.py holds their budget tests.
+POLICIES = tuple(p for p in ALL_POLICIES if p not in SCORE_POLICIES)
 
 
 def tiny_config() -> LlamaConfig:

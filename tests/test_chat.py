@@ -24,7 +24,7 @@ TEMPLATE = (
 )
 STATUS = re.compile(
     r"\[chat\] (\d+) tokens, ([\d.]+) tok/s \| KV ([\d.]+) MiB held vs ([\d.]+) MiB full"
-    r"(?: \(\d+%\))?, (\d+) of (\d+) tokens \| cache=(\w+) \| ([^\r\n]*)"
+    r"(?: \(\d+%\))?, (\d+) of (\d+) tokens, keep \d+% \| cache=(\w+) \| ([^\r\n]*)"
 )
 PROMPT = "\r\n> "
 LONG = " ".join(f"word{i} and" for i in range(60))  # ~200 tokens: past the floor below

@@ -23,7 +23,7 @@ from llamahome.evaluation.ruler_data import (
     string_match_all,
     token_counter,
 )
-from llamahome.kvcache.spec import POLICIES, CacheSpec
+from llamahome.kvcache.spec import POLICIES, SCORE_POLICIES, CacheSpec
 
 FAST = ("model=tiny", "task.show_progress=false", "print_config=false")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -288,7 +288,7 @@ def test_smallest_budget_within_five_percent_of_full():
     }
 
 
-@pytest.mark.parametrize("policy", [p for p in POLICIES if p != "full"])
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p not in ("full", *SCORE_POLICIES)])
 def test_every_policy_keeps_the_question_and_a_fifth_of_the_context(tiny, policy):
     _, batch = _needle_batch(tiny)
     width, total = batch.context_width, batch.ids.shape[1]

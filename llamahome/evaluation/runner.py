@@ -90,6 +90,8 @@ def print_row(row: dict[str, Any], output_dir: Path) -> None:
     kv = f"KV {row['kv_bytes'] / 2**20:.2f} MiB held vs {row['full_kv_bytes'] / 2**20:.2f} MiB full"
     if row.get("kv_ratio") is not None:
         kv += f" ({row['kv_ratio']:.0%})"
+    if row.get("keep_ratio") is not None:
+        kv += f", keep {row['keep_ratio']:.0%}"
     speed = f"{row['tok_s']:.1f} tok/s" if row.get("tok_s") else "- tok/s"
     note = f" | {row['note']}" if row.get("note") else ""
     print(

@@ -507,6 +507,12 @@ class EvictingLayer(SlotPlumbing, DynamicLayer):
             return mask
         if self._all_valid and q == 1:
             return None  # one new token, every kept slot visible: plain SDPA, GQA-packed
+        return self._slot_mask(mask, query, q, n)
+
+    def _slot_mask(
+        self, mask: torch.Tensor | None, query: torch.Tensor, q: int, n: int
+    ) -> torch.Tensor:
+        """The mask over n kept slots (from ``valid``) + the q new tokens (from `mask`)."""
         bsz, heads = query.shape[0], query.shape[1]
         device = query.device
         if mask is None:

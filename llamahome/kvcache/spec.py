@@ -41,7 +41,11 @@ from llamahome.kvcache.budget import RATIO_BASES, Budget
 if TYPE_CHECKING:
     from transformers import Cache, PretrainedConfig
 
-POLICIES = ("full", "window", "sink", "h2o", "keydiff", "knorm", "tova", "snapkv")
+POLICIES = (
+    "full", "window", "sink", "h2o", "keydiff", "knorm", "tova", "snapkv", "kvzip", "learned"
+)
+# Policies that score each slot and may keep different counts per head (head_budget.py).
+SCORE_POLICIES = ("kvzip", "learned")
 DEFAULT_HEAVY_RATIO = 0.1
 DEFAULT_RECENT_RATIO = 0.1
 DEFAULT_SINK_TOKENS = 4
@@ -49,6 +53,7 @@ DEFAULT_MIN_TOKENS = 1024
 
 __all__ = [
     "POLICIES",
+    "SCORE_POLICIES",
     "CacheBudgetError",
     "CacheSpec",
     "full_kv_bytes",
@@ -116,6 +121,11 @@ class CacheSpec:
             (``window_length``) ignores it. 0 = no floor (what eval and benchmarks use).
         ratio_basis: ``sequence`` (ratios of the sequence length L, fixed once: the paper) or
             ``running`` (ratios of the tokens seen so far).
+        threshold: kvzip, learned: keep every slot scoring at least this (adaptive per prompt,
+            layer and head), at most the budget per head when one is given.
+        head_budgets: kvzip, learned: ``uniform``, ``layer`` (AdaKV) or ``global`` (KVzip):
+            how the budget is shared among heads and layers (``head_budget.py``).
+        chunk_size: kvzip: context tokens per reconstruction pass.
 
     Raises:
         CacheBudgetError: On construction, naming the first bad ``cache.<key>``.
@@ -131,6 +141,9 @@ class CacheSpec:
     position_rolling: bool = False
     min_tokens: int = DEFAULT_MIN_TOKENS
     ratio_basis: str = "sequence"
+    threshold: float | None = None
+    head_budgets: str | None = None
+    chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         """Validate every key and resolve the budget."""
@@ -165,6 +178,7 @@ class CacheSpec:
                     f"cache.{key}: cache.heavy_ratio + cache.recent_ratio = {heavy + recent:g} "
                     "exceeds 1 (the whole sequence); lower one of them."
                 )
+        self._check_score_keys()
         budget = getattr(self, f"_resolve_{self.policy}")()
         if budget is not None:
             # The floor protects short inputs from a *share* of their length; a count is the
@@ -284,6 +298,18 @@ class CacheSpec:
     # split ours scored 0.375 on 16 needle prompts at 20% (kvpress 0.406), 0.469 with this one.
     _resolve_knorm = _resolve_keydiff
 
+    def _check_score_keys(self) -> None:
+        from llamahome.kvcache.score_spec import check_score_keys
+
+        check_score_keys(self)
+
+    def _resolve_kvzip(self) -> Budget:
+        from llamahome.kvcache.score_spec import score_budget
+
+        return score_budget(self)
+
+    _resolve_learned = _resolve_kvzip
+
     # ---- building ------------------------------------------------------------------------
     def build(self, model_config: PretrainedConfig, seq_len: int | None = None) -> Cache:
         """Make an empty cache for a model with `model_config`.
@@ -311,20 +337,37 @@ class CacheSpec:
             raise CacheError(f"seq_len={seq_len!r} must be an integer >= 1 (or None).")
         from llamahome.kvcache.caches import FullCache, PolicyCache
         from llamahome.kvcache.decode_group import DecodeGroup
-        from llamahome.kvcache.policies import LAYER_TYPES, rope_inv_freq
+        from llamahome.kvcache.policies import rope_inv_freq
 
         if self.policy == "full":
             return FullCache(config=model_config)
         _use_hybrid_attention(model_config, self.policy)
         text = model_config.get_text_config(decoder=True)
         inv_freq = rope_inv_freq(text) if self.position_rolling else None
-        layer_cls = LAYER_TYPES[self.policy]
+        layer_cls = _layer_types()[self.policy]
         # One Budget per cache, shared by its layers: L is fixed once for the whole sequence.
         budget = self.budget.for_cache(seq_len)
-        layers = [layer_cls(budget, inv_freq) for _ in range(text.num_hidden_layers)]
+        options: dict[str, Any] = {}
+        if self.policy in SCORE_POLICIES:
+            from llamahome.kvcache.score_spec import layer_options
+
+            options = layer_options(self, model_config)
+        layers = [
+            layer_cls(budget, inv_freq, layer_idx=i, **options)
+            for i in range(text.num_hidden_layers)
+        ]
         if layer_cls.batched_decode:
             DecodeGroup(layers)
         return PolicyCache(layers, self.policy)
+
+
+def _layer_types() -> dict[str, type]:
+    """Every evicting layer class by policy (the score policies load on first use)."""
+    from llamahome.kvcache.kvzip import KVzipLayer
+    from llamahome.kvcache.learned import LearnedLayer
+    from llamahome.kvcache.policies import LAYER_TYPES
+
+    return {**LAYER_TYPES, "kvzip": KVzipLayer, "learned": LearnedLayer}
 
 
 def _use_hybrid_attention(config: PretrainedConfig, policy: str) -> None:

@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache, TextStreamer
 
 from llamahome.errors import CacheError, ConfigError
-from llamahome.kvcache.spec import POLICIES, CacheSpec, full_kv_bytes, kv_bytes
+from llamahome.kvcache.spec import POLICIES, CacheSpec, full_kv_bytes, keep_ratio, kv_bytes
 from llamahome.model.context import check_length, context_length
 from llamahome.model.generation import cache_kwarg
 
@@ -53,6 +53,7 @@ class TurnStats:
         policy: The cache policy.
         dropped_turns: Oldest user + assistant turns dropped this turn to fit the context.
         context: The model's context in tokens (0 when unknown).
+        keep_ratio: Tokens held / tokens seen over layers and KV heads (``keep_ratio``).
     """
 
     new_tokens: int
@@ -68,6 +69,7 @@ class TurnStats:
     policy: str
     dropped_turns: int = 0
     context: int = 0
+    keep_ratio: float = 1.0
 
     @property
     def tok_s(self) -> float:
@@ -92,8 +94,8 @@ class TurnStats:
         return (
             f"[chat] {self.new_tokens} tokens, {self.tok_s:.1f} tok/s | KV "
             f"{self.kv_bytes / 2**20:.2f} MiB held vs {self.full_kv_bytes / 2**20:.2f} MiB "
-            f"full{share}, {self.kv_tokens} of {self.seen_tokens} tokens | "
-            f"cache={self.policy} | {reuse}{dropped}"
+            f"full{share}, {self.kv_tokens} of {self.seen_tokens} tokens, keep "
+            f"{self.keep_ratio:.0%} | cache={self.policy} | {reuse}{dropped}"
         )
 
 
@@ -260,6 +262,7 @@ class ChatSession:
             policy=self.cache_spec.policy,
             dropped_turns=dropped,
             context=self.context,
+            keep_ratio=keep_ratio(self._cache),
         )
         return answer, stats
 

@@ -216,6 +216,10 @@ def load_model(
         from llamahome.kvcache.attention import enable_hybrid_attention
 
         model = enable_hybrid_attention(model)
+        from llamahome.model.scorer import enable_cache_policies
+
+        where = resolve_location(spec.pretrained, spec) if spec.pretrained else None
+        enable_cache_policies(model, tokenizer, where)  # kvzip's hook; a saved KV scorer
     if spec.gradient_checkpointing:
         # transformers >= 5.2x renamed it (the old name warns). Non-reentrant: gradients reach
         # LoRA adapters even though the layer inputs come from frozen embeddings.
