@@ -186,3 +186,44 @@ def test_metrics_parse_with_prometheus_client(server, client):
     assert value("llamahome:time_to_first_token_seconds", "_count") >= engine.requests >= 1
     assert value("llamahome:num_requests_running") == 0
     assert families["llamahome:time_to_first_token_seconds"].type == "histogram"
+
+
+@pytest.mark.parametrize("policy", ["kvzip", "learned"])
+def test_a_score_policy_row_scores_its_whole_prompt_as_generate_does(server, client, policy):
+    """kvzip (and learned's global head budget) rank a prompt as a whole: the server feeds it in
+    one forward, not in chunks of 64 each scored alone, so the row answers as ``generate`` does
+    with the same cache, and the pool reserves its whole length (it holds the prompt while it
+    scores it)."""
+    import torch
+
+    from llamahome.kvcache.learned import KVScorer, attach_scorer, scorer_for
+    from llamahome.kvcache.spec import make_cache
+
+    engine = server[1]
+    model, tokenizer = engine.model, engine.tokenizer
+    if policy == "learned" and scorer_for(model.config) is None:  # an untrained one will do
+        torch.manual_seed(0)
+        cfg = model.config
+        attach_scorer(model, KVScorer(cfg.num_hidden_layers, cfg.hidden_size,
+                                      cfg.num_key_value_heads))
+    spec = {"policy": policy, "budget": 0.25, "min_tokens": 0}
+    text, kv = ask(client, LONG, 16, spec)
+    enc = tokenizer(LONG, return_tensors="pt")
+    assert enc.input_ids.shape[1] > engine.prefill_chunk  # chunked, were it not a score policy
+    cache = make_cache(policy, model.config, budget_ratio=0.25, min_tokens=0,
+                       seq_len=enc.input_ids.shape[1] + 16)
+    with torch.no_grad():
+        out = model.generate(**enc, cache=cache, max_new_tokens=16, min_new_tokens=16,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    want = tokenizer.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    assert text == want
+    assert kv["policy"] == policy and kv["keep_ratio"] < 0.5
+    assert engine.worst_case(engine_spec(policy), enc.input_ids.shape[1], 16) == (
+        engine.pool.bytes_per_token * (enc.input_ids.shape[1] + 16)
+    )
+
+
+def engine_spec(policy: str):
+    from llamahome.kvcache.spec import CacheSpec
+
+    return CacheSpec(policy=policy, budget_ratio=0.25, min_tokens=0)

@@ -24,7 +24,14 @@ from llamahome.kvcache.head_budget import HEAD_BUDGETS
 if TYPE_CHECKING:
     from llamahome.kvcache.spec import CacheSpec
 
-__all__ = ["DEFAULT_HEAD_BUDGETS", "check_score_keys", "layer_options", "score_budget"]
+__all__ = [
+    "DEFAULT_HEAD_BUDGETS",
+    "check_score_keys",
+    "holds_whole_prompt",
+    "layer_options",
+    "prefills_whole",
+    "score_budget",
+]
 
 SCORE_KEYS = ("threshold", "head_budgets", "chunk_size")
 DEFAULT_HEAD_BUDGETS = {"kvzip": "global", "learned": "global"}
@@ -135,3 +142,28 @@ def layer_options(spec: CacheSpec, model_config: Any) -> dict[str, Any]:
 
         options["scorer"] = require_scorer(model_config)
     return options
+
+
+def prefills_whole(spec: Any) -> bool:
+    """Whether a cache for `spec` keeps each multi-token forward whole until the model's settle.
+
+    KVzip scores a prompt by reconstructing it, and a global head budget ranks every layer's
+    slots at once (``model_hooks``): both see one forward's tokens together, so a prompt fed in
+    chunks would be scored chunk by chunk. Callers that chunk prompts (the serving engine) feed
+    these in one forward.
+    """
+    policy = getattr(spec, "policy", None)
+    if policy == "kvzip":
+        return True
+    return policy == "learned" and spec.head_budgets == "global" and spec.threshold is None
+
+
+def holds_whole_prompt(spec: Any) -> bool:
+    """Whether a cache for `spec` may hold (allocate) a whole prompt, whatever its budget.
+
+    True when it prefills whole (:func:`prefills_whole`) or shares a budget among heads (a
+    layer's buffers are sized to its largest head, which may keep most of the context).
+    """
+    if getattr(spec, "policy", None) not in DEFAULT_HEAD_BUDGETS:
+        return False
+    return prefills_whole(spec) or spec.head_budgets != "uniform"

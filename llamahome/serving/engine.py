@@ -34,6 +34,7 @@ import torch
 
 from llamahome.kvcache.attention import enable_hybrid_attention
 from llamahome.kvcache.rows import RowsCache
+from llamahome.kvcache.score_spec import prefills_whole
 from llamahome.kvcache.spec import keep_ratio, kv_bytes
 from llamahome.serving.decoding import Finished, GenRequest, Row, sample
 from llamahome.serving.memory import DEFAULT_SHARE, KVPool, free_memory, kv_bytes_per_token
@@ -239,7 +240,10 @@ class Engine:
 
     def _prefill(self, row: Row) -> None:
         """Run one chunk of `row`'s prompt on its own cache; it joins the decode batch when done."""
-        ids = row.req.prompt_ids[row.fed : row.fed + self.prefill_chunk]
+        # kvzip and global head budgets score a prompt as a whole: one forward for all of it.
+        whole = prefills_whole(row.req.cache_spec)
+        chunk = len(row.req.prompt_ids) if whole else self.prefill_chunk
+        ids = row.req.prompt_ids[row.fed : row.fed + chunk]
         positions = torch.arange(row.fed, row.fed + len(ids), device=self.device)[None]
         try:
             out = self.model(

@@ -6,7 +6,9 @@ reserved. The worst case is its policy's bound over its own prompt + ``max_token
 * full cache: L tokens;
 * an evicting policy: the budget's largest kept count for that L, plus the one slot a decode
   step writes before it evicts (``Budget.max_total + 1``), never more than L. A running
-  ratio (``ratio_basis=running``) has no bound below L.
+  ratio (``ratio_basis=running``) has no bound below L, nor has a score policy that holds a
+  whole prompt while it scores it or shares its budget among heads (``kvzip``, ``learned``
+  with ``head_budgets`` global or layer: ``score_spec.holds_whole_prompt``).
 
 A prompt is prefilled in chunks and an evicting cache evicts after each chunk, so for the length
 of one chunk's forward a row holds up to ``prefill_chunk`` tokens more than its bound. One
@@ -18,11 +20,14 @@ same buffers), so the bytes held, summed over the rows, never exceed ``capacity`
 from __future__ import annotations
 
 import re
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from llamahome.errors import ConfigError
+
+# torch loads in the functions that use it: serve.py parses sizes while it checks the command
+# line, before torch (start-up).
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_SHARE = 0.5  # of the free memory at start, when serve.kv_memory is not given
 _UNITS = {
@@ -59,6 +64,8 @@ def parse_bytes(value: Any, key: str) -> int:
 
 def free_memory(device: torch.device) -> int:
     """Bytes free now on `device` (GPU memory on CUDA, available RAM otherwise)."""
+    import torch
+
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     import psutil
@@ -68,6 +75,8 @@ def free_memory(device: torch.device) -> int:
 
 def kv_bytes_per_token(model_config: Any, dtype: torch.dtype) -> int:
     """Key + value bytes one token takes in a full cache, over all layers (one row)."""
+    import torch
+
     text = model_config.get_text_config(decoder=True)
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -76,8 +85,10 @@ def kv_bytes_per_token(model_config: Any, dtype: torch.dtype) -> int:
 
 def tokens_bound(spec: Any, seq_len: int) -> int:
     """Most KV slots a cache for `spec` holds between steps, over a sequence of `seq_len`."""
+    from llamahome.kvcache.score_spec import holds_whole_prompt
+
     budget = getattr(spec, "budget", None)
-    if spec.policy == "full" or budget is None:
+    if spec.policy == "full" or budget is None or holds_whole_prompt(spec):
         return seq_len
     most = budget.for_cache(seq_len).max_total
     return seq_len if most is None else min(seq_len, most + 1)
