@@ -22,11 +22,11 @@ from llamahome.evaluation.quality_table import build_table, markdown, write_qual
 from llamahome.evaluation.results import collect_rows
 
 # The preset on the tiny model, small: 4 tasks x (full + h2o) at 50% = 8 jobs (the compressed
-# suite reuses the full cache's row); kvzip is listed but has no cache config: skipped.
+# suite reuses the full cache's row); "duo" is listed but has no cache config: skipped.
 QUICK = (
     "sweep=quality_quick",
     "model=tiny",
-    "quality.policies=[full,h2o,kvzip]",
+    "quality.policies=[full,h2o,duo]",
     "quality.budgets=[0.5]",
     "quality.ruler.lengths=[128,192]",
     "quality.ruler.subtasks=[niah_single,vt]",
@@ -82,8 +82,8 @@ def test_preset_writes_one_table_with_every_task_length_and_protocol(preset):
         ("h2o", "50%"),
     ]
     # The listed policy without a cache config is skipped, said so, and the sweep went on.
-    assert "sweep: cache=kvzip is skipped" in output
-    assert "- kvzip: no row" in text
+    assert "sweep: cache=duo is skipped" in output
+    assert "- duo: no row" in text
     assert f"[sweep] job 1/{JOBS}:" in output and f"[sweep] job {JOBS}/{JOBS}:" in output
     assert "### Quality against the full cache" in output  # the table is printed too
 
@@ -272,7 +272,7 @@ def test_sweep_lists_skip_missing_options_and_count_the_grid(tmp_path):
             "eval", ["sweep=quality", "quality.budgets=[0.1,0.5]"], return_hydra_config=True
         )
         params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
-        # A listed policy without a cache config (kvzip, learned before they land) is left out.
+        # A listed policy without a cache config (a policy not yet shipped) is left out.
         listed = list(cfg.quality.policies)
         installed = [p for p in listed if (CONF_DIR / "cache" / f"{p}.yaml").is_file()]
         assert params["cache"] == ",".join(installed) and installed[:2] == ["full", "h2o"]

@@ -38,10 +38,10 @@ from llamahome.errors import CacheError
 from llamahome.kvcache.budget import Budget
 from llamahome.kvcache.layers import INF
 from llamahome.kvcache.policies import SinkLayer
+from llamahome.kvcache.score_spec import HEAD_BUDGETS
 
 __all__ = ["HEAD_BUDGETS", "HeadBudgetLayer", "allocate_global", "settle"]
 
-HEAD_BUDGETS = ("uniform", "layer", "global")
 
 
 class HeadBudgetLayer(SinkLayer):
@@ -53,6 +53,9 @@ class HeadBudgetLayer(SinkLayer):
 
     policy = "head_budget"
     needs_reconstruction = False  # kvzip: the deferred tokens need a reconstruction pass
+    # Every new token's score comes from `_entry_score` (a scorer's prediction, or its age):
+    # never the append step's constant bookkeeping (layers.py, ``fast_meta``).
+    fast_meta = False
 
     def __init__(
         self,

@@ -89,8 +89,11 @@ class ScorerInputs:
         if self.scorer is not None:
             # A token is scored at its rank among the row's real tokens (padding does not
             # count), read before the sink bookkeeping advances it.
+            # SinkLayer keeps it an int while no row has padding, else a (batch,) tensor.
             before = self._real_seen
-            if before is None or before.shape[0] != bsz:
+            if isinstance(before, int):
+                before = torch.full((bsz,), before, dtype=torch.long, device=device)
+            elif before.shape[0] != bsz:
                 before = torch.zeros(bsz, dtype=torch.long, device=device)
             valid = (
                 new_valid

@@ -19,13 +19,13 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from llamahome.kvcache.budget import Budget
-from llamahome.kvcache.head_budget import HEAD_BUDGETS
 
 if TYPE_CHECKING:
     from llamahome.kvcache.spec import CacheSpec
 
 __all__ = [
     "DEFAULT_HEAD_BUDGETS",
+    "HEAD_BUDGETS",
     "check_score_keys",
     "holds_whole_prompt",
     "layer_options",
@@ -34,6 +34,8 @@ __all__ = [
 ]
 
 SCORE_KEYS = ("threshold", "head_budgets", "chunk_size")
+# How a budget is shared among heads (head_budget.py); here, torch-free, for the config checks.
+HEAD_BUDGETS = ("uniform", "layer", "global")
 DEFAULT_HEAD_BUDGETS = {"kvzip": "global", "learned": "global"}
 DEFAULT_RATIO = 0.2
 RECENT_SHARE = 0.1  # of the budget: the recent window (decoded tokens live there)
