@@ -133,3 +133,18 @@ def test_cli_unknown_key_fails_fast(tmp_path) -> None:
     result = run_cli("optim.not_a_key=1", f"hydra.run.dir={tmp_path}")
     assert result.returncode != 0
     assert "not_a_key" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_constant_schedule_and_gradient_checkpointing_train(compose_train) -> None:
+    """Every shipped option trains: ``scheduler=constant`` (no num_training_steps) holds the LR,
+    and ``model.gradient_checkpointing=true`` gives the loss of the plain run."""
+    losses = []
+    for extra in ((), ("model.gradient_checkpointing=true",)):
+        cfg = compose_train(*TINY_TRAIN, "scheduler=constant", "trainer.max_steps=4",
+                            "export=false", "validate_before_fit=false", *extra)
+        train(cfg)
+        rows = read_metrics(Path(cfg.paths.output_dir))
+        lrs = {float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")}
+        assert lrs == {cfg.optim.lr}, lrs
+        losses.append(column(rows, "train/loss"))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
