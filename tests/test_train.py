@@ -135,13 +135,14 @@ def test_cli_unknown_key_fails_fast(tmp_path) -> None:
     assert "not_a_key" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_constant_schedule_and_gradient_checkpointing_train(compose_train) -> None:
+def test_constant_schedule_and_gradient_checkpointing_train(compose_train, tmp_path) -> None:
     """Every shipped option trains: ``scheduler=constant`` (no num_training_steps) holds the LR,
     and ``model.gradient_checkpointing=true`` gives the loss of the plain run."""
     losses = []
-    for extra in ((), ("model.gradient_checkpointing=true",)):
+    for i, extra in enumerate(((), ("model.gradient_checkpointing=true",))):
         cfg = compose_train(*TINY_TRAIN, "scheduler=constant", "trainer.max_steps=4",
-                            "export=false", "validate_before_fit=false", *extra)
+                            "export=false", "validate_before_fit=false", *extra,
+                            output_dir=tmp_path / f"run{i}")
         train(cfg)
         rows = read_metrics(Path(cfg.paths.output_dir))
         lrs = {float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")}

@@ -45,6 +45,8 @@ def check_optimizer(cfg: DictConfig) -> None:
     """Build the optimizer and scheduler on a dummy parameter: a bad value fails now, not later."""
     import torch
 
+    from llamahome.training.schedules import make_schedule
+
     check_learning_rate(cfg)
     factory = build(cfg, "optim")
     try:
@@ -54,7 +56,7 @@ def check_optimizer(cfg: DictConfig) -> None:
     scheduler = build(cfg, "scheduler")
     if scheduler is not None:
         try:
-            scheduler(optimizer, num_training_steps=10)
+            make_schedule(scheduler, optimizer, 10)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"scheduler: {error_message(err)}") from err
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from llamahome.data import IGNORE_INDEX
 from llamahome.kvcache.attention import register_hybrid_attention
+from llamahome.training.schedules import make_schedule
 
 # A spawned worker (ddp_spawn, DataLoader workers) unpickles this module without ever calling
 # load_model: register the hybrid attention name here so the unpickled model can run.
@@ -163,9 +163,7 @@ class LlamaLitModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = self.scheduler_factory(
-            optimizer, **accepted_kwargs(self.scheduler_factory, num_training_steps=total)
-        )
+        scheduler = make_schedule(self.scheduler_factory, optimizer, total)
         schedule = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 
@@ -182,17 +180,3 @@ class LlamaLitModule(L.LightningModule):
         # HF shifts labels by one: the first position never carries loss.
         return max(1, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))
 
-
-def accepted_kwargs(factory: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
-    """The keyword arguments that `factory` takes, of `kwargs`.
-
-    transformers' schedules differ: ``get_constant_schedule_with_warmup`` has no
-    ``num_training_steps``, the cosine and linear ones need it.
-    """
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):  # a builtin without a signature: pass everything
-        return kwargs
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return kwargs
-    return {key: value for key, value in kwargs.items() if key in params}

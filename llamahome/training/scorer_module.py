@@ -40,6 +40,7 @@ from llamahome.kvcache.attention import register_hybrid_attention
 from llamahome.kvcache.kvzip import DEFAULT_CHUNK_SIZE, repeat_prompt
 from llamahome.kvcache.learned import KVScorer
 from llamahome.kvcache.teacher import kvzip_scores
+from llamahome.training.schedules import make_schedule
 
 register_hybrid_attention()  # spawned workers unpickle the model without load_model
 
@@ -245,7 +246,7 @@ class KVScorerModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = self.scheduler_factory(optimizer, num_training_steps=total)
+        scheduler = make_schedule(self.scheduler_factory, optimizer, total)
         schedule = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 
