@@ -109,6 +109,7 @@ def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dic
 
     from llamahome.model.finetuning import apply_finetuning
     from llamahome.model.load import load_model, load_tokenizer
+    from llamahome.model.scorer import check_scorer_available
     from llamahome.training.checks import check_finetuning, check_launchable, check_optimizer
     from llamahome.training.ckpt_check import check_checkpoint, expected_state
     from llamahome.training.loggers import remember_wandb_runs
@@ -123,8 +124,6 @@ def fit_and_export(cfg: DictConfig, status: dict[str, Any] | None = None) -> dic
     check_optimizer(cfg)
     if in_multirun():
         check_launchable(cfg)
-    from llamahome.model.scorer import check_scorer_available
-
     check_scorer_available(cache_spec, model_spec)  # cache=learned: is there a scorer?
     lit_module = build(cfg, "module") or LlamaLitModule  # a partial; conf/module
     finetuning = build(cfg, "peft")

@@ -156,7 +156,8 @@ def run_ours(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     prompts = read_jsonl(Path(args.prompts))
-    model, _ = load_model("smollm2")
+    # model=<a kv_scorer run> carries the scorer cache=learned needs; the weights are SmolLM2's.
+    model, _ = load_model(args.model)
     model.eval()
     out = []
     for policy in args.policies.split(","):
@@ -396,6 +397,10 @@ def main(argv: list[str] | None = None) -> None:
     o = steps.add_parser("ours", help="our venv: score our policies")
     o.add_argument("prompts")
     o.add_argument("--policies", default="full,keydiff,knorm,snapkv,tova,h2o")
+    o.add_argument(
+        "--model", default="smollm2",
+        help="smollm2, or a `experiment=kv_scorer` run dir (for --policies ...,learned)",
+    )
     o.add_argument("--keep", default="0.2,0.5", help="comma-separated keep ratios")
     o.add_argument(
         "--pin-answer",

@@ -30,7 +30,7 @@ CASES = {"lora": ("peft=lora", "peft.lora_dropout=0"), "full": ("peft=none",)}
 #: The full run's last fit exports: the weights gathered from the shards, against one process's.
 EXPORTS = {"lora": False, "full": True}
 #: FSDP side only: activation checkpointing (recomputation must not change a loss) under LoRA.
-SIM_ONLY = {"lora": ("+model.gradient_checkpointing=true",), "full": ()}
+SIM_ONLY = {"lora": ("model.gradient_checkpointing=true",), "full": ()}
 PER_RANK_BATCH = ("data.batch_size=2",)
 
 

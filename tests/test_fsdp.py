@@ -261,7 +261,7 @@ def test_fsdp_lora_trains_and_resumes_on_gpu(tmp_path) -> None:
         "trainer.max_steps=4",
         "trainer.val_check_interval=2",
         "trainer.strategy.cpu_offload=true",
-        "+model.gradient_checkpointing=true",
+        "model.gradient_checkpointing=true",
         "~callbacks.sample_generation",
         f"hydra.run.dir={tmp_path}",
     )
