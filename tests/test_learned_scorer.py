@@ -11,8 +11,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import threading
-import time
 
 import pytest
 import torch
@@ -223,35 +221,25 @@ def test_the_run_is_picked_up_by_train_eval_generate_chat_and_serve(
 
 
 def _serve_one_request(model, learned, run_dir) -> None:
-    import socket
-
     import openai
-    import uvicorn
+    from serve_helpers import running
 
     from llamahome.serve import build_server
 
     app, engine, _ = build_server(compose("serve", (
         *model, *learned, "print_config=false", "serve.max_new_tokens=8", "serve.model_name=m",
     ), run_dir))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    # serve_helpers.running: uvicorn without its logging dictConfig, which would close every
+    # handler configured before, the streams of earlier tests' handlers included.
     try:
-        deadline = time.time() + 30
-        while not server.started and time.time() < deadline:
-            time.sleep(0.05)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=120)
-        reply = client.completions.create(
-            model="m", prompt="The list type. " * 20, max_tokens=4, temperature=0
-        )
+        with running(app) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", timeout=120)
+            reply = client.completions.create(
+                model="m", prompt="The list type. " * 20, max_tokens=4, temperature=0
+            )
         assert reply.usage.completion_tokens == 4
         assert reply.usage.model_extra["kv_cache"]["policy"] == "learned"
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         engine.stop()
 
 
