@@ -88,19 +88,8 @@ class ScorerInputs:
     def _new_meta(self, bsz, kv_heads, q, new_valid, position_ids, device):  # noqa: D102
         if self.scorer is not None:
             # A token is scored at its rank among the row's real tokens (padding does not
-            # count), read before the sink bookkeeping advances it.
-            # SinkLayer keeps it an int while no row has padding, else a (batch,) tensor.
-            before = self._real_seen
-            if isinstance(before, int):
-                before = torch.full((bsz,), before, dtype=torch.long, device=device)
-            elif before.shape[0] != bsz:
-                before = torch.zeros(bsz, dtype=torch.long, device=device)
-            valid = (
-                new_valid
-                if new_valid is not None
-                else torch.ones(bsz, q, dtype=torch.bool, device=device)
-            )
-            self._positions = valid.long().cumsum(-1) - 1 + before[:, None]
+            # count), from 0, read before the sink bookkeeping advances it.
+            self._positions = self.real_ranks(bsz, q, new_valid, device)[1] - 1
         return super()._new_meta(bsz, kv_heads, q, new_valid, position_ids, device)
 
     def _predicted(self, bsz: int, kv_heads: int, q: int, device: torch.device) -> torch.Tensor:

@@ -55,6 +55,20 @@ class SinkLayer(EvictingLayer):
                 meta["sink"] = (rank <= sink)[None, None].expand(bsz, kv_heads, q)
             self._real_seen = real_seen + q
             return meta
+        valid, rank = self.real_ranks(bsz, q, new_valid, device)
+        # With left padding the sinks are the first real tokens, not the pads at position 0.
+        meta["sink"] = expand_heads(valid & (rank <= sink), kv_heads)
+        self._real_seen = rank[:, -1].clone()
+        return meta
+
+    def real_ranks(
+        self, bsz: int, q: int, new_valid: torch.Tensor | None, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(validity, rank) of the `q` new tokens, (bsz, q): rank 1 = a row's first real token.
+
+        Padding does not count; read before ``_new_meta`` advances the count.
+        """
+        real_seen = self._real_seen
         if isinstance(real_seen, int):
             real_seen = torch.full((bsz,), real_seen, dtype=torch.long, device=device)
         elif real_seen.shape[0] != bsz:
@@ -64,11 +78,7 @@ class SinkLayer(EvictingLayer):
             if new_valid is not None
             else torch.ones(bsz, q, dtype=torch.bool, device=device)
         )
-        rank = valid.long().cumsum(-1) + real_seen[:, None]
-        # With left padding the sinks are the first real tokens, not the pads at position 0.
-        meta["sink"] = expand_heads(valid & (rank <= sink), kv_heads)
-        self._real_seen = rank[:, -1].clone()
-        return meta
+        return valid, valid.long().cumsum(-1) + real_seen[:, None]
 
     def priority(self, work: dict[str, torch.Tensor], seen: int) -> torch.Tensor:
         """Sinks, then newest first."""
