@@ -174,7 +174,7 @@ ROWS = [
      "ConfigError: task.data_file={files}/long_document.jsonl line 2 is"),
     ("len-summarization-not-utf8", "evaluate",
      ("model=tiny", "task=summarization", "task.data_file={files}/latin1.txt"), 2,
-     "DataError: {files}/latin1.txt: not UTF-8 text"),
+     "DataError: {files}/latin1.txt:1: not valid UTF-8"),
     # The same without weights: only a check that reads the config alone, before loading, can
     # give this line.
     ("len-gen-prompt-file-config-only", "generate",

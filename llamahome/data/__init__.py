@@ -23,7 +23,7 @@ from llamahome.data.formats import Renderer, Sample, detect_record_format
 from llamahome.data.loading import call_hook, load_split_records
 from llamahome.data.options import DataOptions
 from llamahome.data.shaping import ShapeStats, shape
-from llamahome.data.sources.files import Record
+from llamahome.data.sources.files import Record, read_text
 from llamahome.data.split import cap, split_by_group
 from llamahome.data.tokenizer import build_bpe_tokenizer
 
@@ -44,6 +44,7 @@ __all__ = [
     "detect_record_format",
     "encode_cached",
     "load_split_records",
+    "read_text",
     "shape",
     "split_by_group",
     "tokenizer_fingerprint",

@@ -50,14 +50,9 @@ def read_text_file(path: str | Path) -> str:
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"task.text_file={str(path)!r} does not exist (or is not a file).")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(
-            f"{path}: not UTF-8 text (byte {err.start}); give a plain UTF-8 text file."
-        ) from err
-    except OSError as err:
-        raise DataError(f"{path}: cannot be read: {err.strerror}.") from err
+    from llamahome.data import read_text
+
+    text = read_text(path)
     if not text.strip():
         raise DataError(f"{path}: the file is empty; give some text to score.")
     return text

@@ -51,14 +51,9 @@ def load_records(
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"task.data_file={str(path)!r} does not exist (or is not a file).")
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): U+2028 is JSON
-    except UnicodeDecodeError as err:
-        raise DataError(
-            f"{path}: not UTF-8 text (byte {err.start}); save the JSON lines as UTF-8."
-        ) from err
-    except OSError as err:
-        raise DataError(f"{path}: cannot be read ({err.strerror or err}).") from err
+    from llamahome.data import read_text
+
+    lines = read_text(path).split("\n")  # not splitlines(): U+2028 is JSON
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
